@@ -1,0 +1,153 @@
+"""The controller: validates a training job, plans its data, owns its MLflow run and drives
+Ray Train's TorchTrainer over DeepSpeed workers."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from model import GPTConfig, GPTTokenizer, config_from_preset
+from orchestrator.planning import plan_shards
+from orchestrator.ray_runtime import checkpoint_uri, ensure_ray, forwarded_env, train_storage
+from orchestrator.registry import register_checkpoint
+from orchestrator.runs import JobRun, resolve_tracking_uri
+from orchestrator.spec import FinetuneSpec, PretrainSpec
+from workers import storage
+from workers.shards import Manifest, load_manifest
+from workers.train_loop import WorkerJob
+
+
+class JobInputError(ValueError):
+    """Input that makes the job impossible; raised before anything is submitted."""
+
+
+class JobFailed(RuntimeError):
+    """The job started but did not finish; checkpoints and the MLflow run are kept."""
+
+
+@dataclass
+class TrainingResult:
+    checkpoint: str
+    run_id: str
+    step: int
+    metrics: dict[str, float]
+    model_name: str | None = None
+    model_version: int | None = None
+
+
+def require_checkpoint(uri: str, field: str) -> None:
+    """A directory that serving/fine-tuning can read: the files named in ARCHITECTURE.md."""
+    storage.check_reachable(uri)
+    missing = [name for name in ("model.safetensors", "config.json", "tokenizer.json")
+               if not storage.exists(storage.join(uri, name))]
+    if missing:
+        raise JobInputError(f"{field}: {uri} holds no gptctl checkpoint (missing {', '.join(missing)})")
+
+
+def _load_data_manifest(data_uri: str, expected_kind: str) -> Manifest:
+    storage.check_reachable(data_uri)
+    if not storage.exists(storage.join(data_uri, "manifest.json")):
+        raise JobInputError(f"data: {data_uri} has no manifest.json; run `gptctl data prepare` first")
+    manifest = load_manifest(data_uri)
+    if manifest.kind != expected_kind:
+        raise JobInputError(
+            f"data: {data_uri} holds {manifest.kind} shards; a {expected_kind} job expects {expected_kind} shards"
+        )
+    return manifest
+
+
+def _model_config(spec: PretrainSpec | FinetuneSpec, manifest: Manifest) -> tuple[GPTConfig, str | None]:
+    """Resolve the GPT config and, for fine-tuning, the parent run id from the checkpoint."""
+    if isinstance(spec, PretrainSpec):
+        try:
+            config = config_from_preset(spec.model.preset, vocab_size=manifest.vocab_size,
+                                        block_size=manifest.seq_len, **spec.model.overrides())
+        except ValueError as error:
+            raise JobInputError(f"model: {error}") from None
+        if config.n_embd % config.n_head:
+            raise JobInputError(f"model: n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head})")
+        return config, None
+    require_checkpoint(spec.init_from, "init_from")
+    config = GPTConfig.from_dict(json.loads(storage.read_text(storage.join(spec.init_from, "config.json"))))
+    checkpoint_tokenizer = GPTTokenizer.from_str(storage.read_text(storage.join(spec.init_from, "tokenizer.json")))
+    if checkpoint_tokenizer.sha256 != manifest.tokenizer_sha256:
+        raise JobInputError(
+            f"data: {spec.data} was tokenized with a different tokenizer than init_from {spec.init_from}; "
+            f"prepare it with --tokenizer {spec.init_from}"
+        )
+    if manifest.seq_len > config.block_size:
+        raise JobInputError(f"data: seq_len {manifest.seq_len} exceeds the model's context {config.block_size}")
+    parent = None
+    state_uri = storage.join(spec.init_from, "trainer_state.json")
+    if storage.exists(state_uri):
+        parent = json.loads(storage.read_text(state_uri)).get("mlflow_run_id")
+    return config, parent
+
+
+@dataclass
+class PreparedJob:
+    spec: PretrainSpec | FinetuneSpec
+    worker_job: WorkerJob
+    manifest: Manifest
+
+
+def prepare_job(spec: PretrainSpec | FinetuneSpec) -> PreparedJob:
+    """Every check that can fail before Ray starts: data, checkpoint, storage, plan."""
+    kind = "pretrain" if isinstance(spec, PretrainSpec) else "finetune"
+    manifest = _load_data_manifest(spec.data, kind)
+    config, parent_run_id = _model_config(spec, manifest)
+    if storage.is_s3(spec.storage_path):
+        storage.check_reachable(spec.storage_path)
+    plan = plan_shards(manifest, spec.cluster.num_workers, spec.data)
+    job = WorkerJob(
+        job_name=spec.name, kind=kind, data_uri=spec.data, train=spec.train.model_dump(),
+        model_config=config.to_dict(), train_shards=plan.train, val_shards=plan.val,
+        tracking_uri=resolve_tracking_uri(spec.tracking.uri), parent_run_id=parent_run_id,
+        init_from=getattr(spec, "init_from", None), extra={"env": forwarded_env()},
+    )
+    return PreparedJob(spec=spec, worker_job=job, manifest=manifest)
+
+
+def run_training(prepared: PreparedJob, address: str | None = None, on_run=print) -> TrainingResult:
+    """Run the job on Ray; resumes from the latest checkpoint of a job with the same name."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from workers.train_loop import train_loop_per_worker
+
+    spec, job = prepared.spec, prepared.worker_job
+    tracker = JobRun(job.tracking_uri, spec.tracking.experiment)
+    params = {"spec": spec.model_dump(mode="json"), "model_config": job.model_config,
+              "data": {"seq_len": prepared.manifest.seq_len, "vocab_size": prepared.manifest.vocab_size,
+                       "train_rows": prepared.manifest.total_rows("train")}}
+    job.run_id = tracker.open(spec.name, job.kind, spec.storage_path, params, job.parent_run_id)
+    on_run(f"[gptctl] MLflow run {job.run_id}: {tracker.url(job.run_id)}")
+
+    ensure_ray(address)
+    storage_path, filesystem = train_storage(spec.storage_path)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=job.to_dict(),
+        scaling_config=ScalingConfig(num_workers=spec.cluster.num_workers, use_gpu=spec.cluster.use_gpu,
+                                     resources_per_worker={"CPU": spec.cluster.cpus_per_worker}),
+        run_config=RunConfig(
+            name=spec.name, storage_path=storage_path, storage_filesystem=filesystem,
+            failure_config=FailureConfig(max_failures=spec.cluster.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=3),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as error:
+        tracker.close(job.run_id, succeeded=False)
+        raise JobFailed(f"job {spec.name} failed: {error}") from error
+    if result.checkpoint is None:
+        tracker.close(job.run_id, succeeded=False)
+        raise JobFailed(f"job {spec.name} finished without a checkpoint")
+    uri = checkpoint_uri(result.checkpoint)
+    model_name = spec.tracking.registered_model or spec.name
+    state = json.loads(storage.read_text(storage.join(uri, "trainer_state.json")))
+    version = register_checkpoint(job.run_id, uri, model_name, job.tracking_uri)
+    tracker.client.set_tag(job.run_id, "gptctl.checkpoint", uri)
+    tracker.close(job.run_id, succeeded=True)
+    return TrainingResult(checkpoint=uri, run_id=job.run_id, step=state["step"],
+                          metrics=dict(result.metrics or {}), model_name=model_name, model_version=version)

@@ -1,0 +1,77 @@
+"""Connecting to Ray and to the checkpoint storage Ray Train writes to."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from urllib.parse import urlparse
+
+from workers import storage
+
+# environment the workers need to reach S3 and MLflow; forwarded explicitly because a
+# cluster's workers do not inherit the submitting shell's environment
+FORWARDED_ENV = (
+    "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION", "AWS_REGION", "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_DISABLE_TELEMETRY", "TORCH_EXTENSIONS_DIR",
+)
+
+
+def default_extensions_dir() -> str:
+    """DeepSpeed JIT-compiles an op on first use (~45 s); keep the result between runs."""
+    return os.environ.setdefault(
+        "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "gptctl" / "torch_extensions")
+    )
+
+
+def forwarded_env() -> dict[str, str]:
+    return {key: os.environ[key] for key in FORWARDED_ENV if os.environ.get(key)}
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None, temp_dir: str | None = None) -> None:
+    """Join `address` if given, else start an embedded single-node Ray (never a stranger's)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    default_extensions_dir()
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    kwargs = {"address": address or "local", "log_to_driver": True}
+    if not address:
+        # Ray Train's controller actor and Serve's proxy also need a CPU slot: oversubscribe
+        # logically on small machines so 2 workers fit on 2 cores.
+        kwargs["num_cpus"] = num_cpus or max(os.cpu_count() or 1, 4)
+        if temp_dir:
+            kwargs["_temp_dir"] = temp_dir
+    ray.init(**kwargs)
+
+
+def train_storage(storage_path: str):
+    """(path, filesystem) for RunConfig: S3 through pyarrow with the same endpoint as boto3."""
+    if not storage.is_s3(storage_path):
+        return str(Path(storage_path).expanduser().resolve()), None
+    import pyarrow.fs
+
+    bucket, key = storage.split_s3(storage_path)
+    options = {}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        parsed = urlparse(endpoint)
+        options["endpoint_override"] = parsed.netloc or parsed.path
+        options["scheme"] = parsed.scheme or "https"
+    if os.environ.get("AWS_ACCESS_KEY_ID"):
+        options["access_key"] = os.environ["AWS_ACCESS_KEY_ID"]
+        options["secret_key"] = os.environ.get("AWS_SECRET_ACCESS_KEY", "")
+        if os.environ.get("AWS_SESSION_TOKEN"):
+            options["session_token"] = os.environ["AWS_SESSION_TOKEN"]
+    options["region"] = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"
+    return f"{bucket}/{key}".rstrip("/"), pyarrow.fs.S3FileSystem(**options)
+
+
+def checkpoint_uri(checkpoint) -> str:
+    """A Ray Checkpoint as a URI the rest of gptctl (and the user) can read."""
+    import pyarrow.fs
+
+    if isinstance(checkpoint.filesystem, pyarrow.fs.S3FileSystem):
+        return f"s3://{checkpoint.path}"
+    return checkpoint.path

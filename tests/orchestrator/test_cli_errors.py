@@ -1,0 +1,76 @@
+"""Bad input: a clear message naming the field or file, exit code 2, nothing submitted."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from infra.s3_endpoint import free_port
+from orchestrator.cli import EXIT_BAD_INPUT, main
+
+
+def _run(argv, capsys) -> tuple[int, str]:
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
+def _write(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+def test_unknown_field_is_named_with_expected_fields(tmp_path, capsys):
+    spec = _write(tmp_path / "job.yaml", "kind: pretrain\nname: x\ndata: ./d\ntrain:\n  max_step: 10\n")
+    code, err = _run(["validate", spec], capsys)
+    assert code == EXIT_BAD_INPUT
+    assert "train.max_step: unknown field" in err and "max_steps" in err and "job.yaml" in err
+
+
+def test_wrong_type_and_kind_are_named(tmp_path, capsys):
+    spec = _write(tmp_path / "job.yaml", "kind: pretrain\nname: x\ndata: ./d\ntrain:\n  zero_stage: 5\n")
+    code, err = _run(["validate", spec], capsys)
+    assert code == EXIT_BAD_INPUT and "train.zero_stage" in err
+    spec = _write(tmp_path / "kind.yaml", "kind: pretrian\nname: x\n")
+    code, err = _run(["validate", spec], capsys)
+    assert code == EXIT_BAD_INPUT and "pretrain, finetune, deploy" in err
+
+
+def test_missing_spec_and_missing_input_file(tmp_path, capsys):
+    code, err = _run(["submit", str(tmp_path / "nope.yaml")], capsys)
+    assert code == EXIT_BAD_INPUT and "nope.yaml" in err
+    code, err = _run(["data", "prepare", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "out")], capsys)
+    assert code == EXIT_BAD_INPUT and "missing.txt" in err
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_unreachable_s3_endpoint(tmp_path, capsys, monkeypatch):
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    spec = _write(tmp_path / "job.yaml", "kind: pretrain\nname: x\ndata: s3://bucket/shards\n")
+    code, err = _run(["--s3-endpoint", endpoint, "submit", spec], capsys)
+    assert code == EXIT_BAD_INPUT and endpoint in err
+
+
+def test_data_without_manifest(tmp_path, capsys):
+    spec = _write(tmp_path / "job.yaml", f"kind: pretrain\nname: x\ndata: {tmp_path}\n")
+    code, err = _run(["submit", spec], capsys)
+    assert code == EXIT_BAD_INPUT and "manifest.json" in err and str(tmp_path) in err
+
+
+def test_checkpoint_path_without_checkpoint(tmp_path, capsys):
+    code, err = _run(["deploy", str(tmp_path)], capsys)
+    assert code == EXIT_BAD_INPUT and "holds no gptctl checkpoint" in err and "model.safetensors" in err
+
+
+def test_console_script_exit_code(tmp_path):
+    spec = _write(tmp_path / "job.yaml", "kind: finetune\nname: x\n")
+    gptctl = shutil.which("gptctl", path=str(Path(sys.executable).parent))
+    assert gptctl, "the gptctl console script is installed"
+    done = subprocess.run([gptctl, "validate", spec], capture_output=True, text=True, timeout=120)
+    assert done.returncode == EXIT_BAD_INPUT
+    assert "init_from" in done.stderr and "data" in done.stderr

@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+import pytest
+
+from orchestrator.planning import PlanError, plan_shards
+from orchestrator.runs import flatten_params
+from orchestrator.spec import FinetuneSpec, PretrainSpec, SpecError, interpolate_env, parse_spec
+from workers.schedule import lr_at
+from workers.shards import Manifest, ShardInfo
+
+
+def test_defaults_resolve():
+    spec = parse_spec({"kind": "pretrain", "name": "a", "data": "s3://b/p"})
+    assert isinstance(spec, PretrainSpec)
+    assert spec.train.zero_stage == 2 and spec.cluster.num_workers == 2
+    fine = parse_spec({"kind": "finetune", "name": "b", "data": "d", "init_from": "c"})
+    assert isinstance(fine, FinetuneSpec) and fine.train.lr == 1e-4
+
+
+def test_min_lr_above_lr_is_refused():
+    with pytest.raises(SpecError, match="min_lr"):
+        parse_spec({"kind": "pretrain", "name": "a", "data": "d", "train": {"lr": 1e-4, "min_lr": 1e-3}})
+
+
+def test_env_interpolation(monkeypatch):
+    monkeypatch.setenv("GPTCTL_TEST_BUCKET", "b1")
+    assert interpolate_env("s3://${GPTCTL_TEST_BUCKET}/x ${UNSET_GPTCTL_VAR:-dflt}") == "s3://b1/x dflt"
+    with pytest.raises(SpecError, match="UNSET_GPTCTL_VAR"):
+        interpolate_env("${UNSET_GPTCTL_VAR}")
+
+
+def test_params_redact_secrets():
+    flat = flatten_params({"s3": {"secret_key": "hunter2", "endpoint": "http://x"}, "api_key": "k"})
+    assert flat == {"s3.secret_key": "***", "s3.endpoint": "http://x", "api_key": "***"}
+
+
+def _manifest(n_train: int) -> Manifest:
+    shards = [ShardInfo(name=f"train-{i:06d}.tar", rows=10, sha256="0") for i in range(n_train)]
+    return Manifest(kind="pretrain", tokenizer_sha256="t", vocab_size=10, eos_id=0, pad_id=1, seq_len=8,
+                    dtype="uint16", rows_per_member=4, seed=0,
+                    splits={"train": shards, "val": [ShardInfo(name="val-000000.tar", rows=2, sha256="0")]})
+
+
+def test_plan_gives_every_rank_disjoint_shards():
+    plan = plan_shards(_manifest(5), world_size=2)
+    assert plan.train == [["train-000000.tar", "train-000002.tar", "train-000004.tar"],
+                          ["train-000001.tar", "train-000003.tar"]]
+    assert plan.val == ["val-000000.tar"]
+    with pytest.raises(PlanError, match="1 train shard"):
+        plan_shards(_manifest(1), world_size=2)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    kwargs = dict(max_lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    assert lr_at(0, **kwargs) == pytest.approx(0.1)
+    assert lr_at(9, **kwargs) == pytest.approx(1.0)
+    assert lr_at(60, **kwargs) == pytest.approx(0.55)
+    assert lr_at(110, **kwargs) == pytest.approx(0.1)
+    values = [lr_at(s, **kwargs) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(values, values[1:]))

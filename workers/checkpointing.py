@@ -1,0 +1,96 @@
+"""Checkpoint save/restore inside one training process.
+
+Layout of one checkpoint directory (ARCHITECTURE.md, "Checkpoint directory"):
+  deepspeed/            DeepSpeed engine state from every rank (resume only)
+  model.safetensors     consolidated weights (serving, fine-tuning, export)
+  config.json           model config
+  tokenizer.json        the tokenizer the data was packed with
+  trainer_state.json    step, tokens seen, data position, seed, MLflow run id
+Every rank writes its DeepSpeed shard into its own local directory; Ray Train merges the
+ranks' directories into one checkpoint in storage (file names never collide).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model import GPTConfig, GPTTokenizer, save_pretrained
+
+DEEPSPEED_DIR = "deepspeed"
+TRAINER_STATE = "trainer_state.json"
+SERVING_FILES = ("model.safetensors", "config.json", "tokenizer.json", TRAINER_STATE)
+
+
+@dataclass
+class TrainerState:
+    """What a resumed run needs besides the engine state. Small and JSON on purpose."""
+
+    job_name: str
+    kind: str
+    step: int = 0
+    tokens_seen: int = 0
+    seed: int = 0
+    world_size: int = 1
+    # number of micro-batches each rank has consumed from its planned shard stream
+    data_position: dict[str, Any] = field(default_factory=lambda: {"batches_consumed": 0})
+    mlflow_run_id: str | None = None
+    parent_run_id: str | None = None
+    val_loss: float | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrainerState":
+        return cls(**json.loads(text))
+
+    @classmethod
+    def read(cls, directory: str | Path) -> "TrainerState":
+        return cls.from_json(Path(directory, TRAINER_STATE).read_text())
+
+
+def consolidated_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor] | None:
+    """Full fp32 weights on rank 0. Under ZeRO-3 this is a collective: every rank must call it."""
+    if zero_stage == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        state = engine.module.state_dict()
+    if state is None:  # ranks other than 0 under ZeRO-3
+        return None
+    return {name: tensor.detach().to("cpu", torch.float32) for name, tensor in state.items()}
+
+
+def save_checkpoint(
+    directory: str | Path,
+    engine,
+    *,
+    zero_stage: int,
+    model_config: GPTConfig,
+    tokenizer: GPTTokenizer,
+    state: TrainerState,
+    is_rank_zero: bool,
+) -> None:
+    """Write this rank's part of a checkpoint into a local directory (all ranks must call)."""
+    directory = Path(directory)
+    engine.save_checkpoint(str(directory / DEEPSPEED_DIR), tag=f"step_{state.step:08d}")
+    weights = consolidated_state_dict(engine, zero_stage)
+    if is_rank_zero:
+        save_pretrained(directory, weights, model_config, tokenizer)
+        # written last: a directory holding trainer_state.json is a complete checkpoint
+        tmp = directory / (TRAINER_STATE + ".tmp")
+        tmp.write_text(state.to_json())
+        os.replace(tmp, directory / TRAINER_STATE)
+
+
+def restore_checkpoint(directory: str | Path, engine) -> TrainerState:
+    """Load engine (weights, optimizer, RNG-free) state and the trainer state written beside it."""
+    directory = Path(directory)
+    load_path, _ = engine.load_checkpoint(str(directory / DEEPSPEED_DIR))
+    if load_path is None:
+        raise FileNotFoundError(f"{directory}: no DeepSpeed state under {DEEPSPEED_DIR}/")
+    return TrainerState.read(directory)

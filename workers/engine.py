@@ -1,0 +1,70 @@
+"""DeepSpeed engine set-up: the one place that turns a TrainSpec into a ZeRO config."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from model import GPT
+from orchestrator.spec import TrainSpec
+
+
+class PrecisionError(ValueError):
+    """The requested precision cannot run on this accelerator."""
+
+
+def deepspeed_config(train: TrainSpec) -> dict[str, Any]:
+    """ZeRO config for one worker. LR is set by the loop each step (see workers.schedule)."""
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": train.grad_accum_steps,
+        "gradient_clipping": train.grad_clip if train.grad_clip > 0 else 0.0,
+        "zero_optimization": {"stage": train.zero_stage},
+        "steps_per_print": 10**9,  # we log to MLflow ourselves
+        "wall_clock_breakdown": False,
+    }
+    if train.zero_stage == 3:
+        # lets rank 0 write one consolidated safetensors file without a separate merge step
+        config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+    if train.precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    elif train.precision == "fp16":
+        config["fp16"] = {"enabled": True, "initial_scale_power": 16}
+    return config
+
+
+def check_precision(precision: str) -> None:
+    """Fail before the engine starts with a message that names the field."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if precision == "fp16" and not accelerator.is_fp16_supported():
+        raise PrecisionError(
+            f"train.precision: fp16 is not supported on the {accelerator.device_name()} accelerator; use bf16 or fp32"
+        )
+    if precision == "bf16" and not accelerator.is_bf16_supported():
+        raise PrecisionError(
+            f"train.precision: bf16 is not supported on the {accelerator.device_name()} accelerator; use fp32"
+        )
+
+
+def ensure_single_process_env() -> None:
+    """Without Ray (GPU benchmarks, one process) DeepSpeed would try MPI discovery; give it env://."""
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511"}.items():
+        os.environ.setdefault(key, value)
+
+
+def build_engine(model: GPT, train: TrainSpec):
+    """Wrap the GPT in a DeepSpeed engine with a torch AdamW (no FusedAdam compile on CPU)."""
+    import deepspeed
+
+    check_precision(train.precision)
+    optimizer = torch.optim.AdamW(
+        model.configure_param_groups(train.weight_decay), lr=train.lr, betas=tuple(train.betas)
+    )
+    engine, optimizer, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=deepspeed_config(train)
+    )
+    return engine, optimizer

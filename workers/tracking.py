@@ -1,0 +1,60 @@
+"""MLflow logging from rank 0 of a training job.
+
+The controller owns the run (one run per job); the worker only appends to it by run id.
+A tracking failure is reported as a warning and never stops training.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class RunLogger:
+    """Buffers step metrics and sends them in batches; a no-op on ranks other than 0."""
+
+    def __init__(self, tracking_uri: str | None, run_id: str | None, enabled: bool, flush_every: int = 10):
+        self.enabled = bool(enabled and run_id)
+        self.run_id = run_id
+        self.flush_every = flush_every
+        self._pending: list[Any] = []
+        self._client = None
+        if self.enabled:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=tracking_uri)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._pending.extend(Metric(key, float(value), now, step) for key, value in metrics.items())
+        if len(self._pending) >= self.flush_every * max(len(metrics), 1):
+            self.flush()
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        if self.enabled:
+            self._guarded(lambda: self._client.log_text(self.run_id, text, artifact_file))
+
+    def flush(self) -> None:
+        if not self.enabled or not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        # MLflow caps a batch at 1000 metrics
+        for start in range(0, len(pending), 1000):
+            chunk = pending[start : start + 1000]
+            if not self._guarded(lambda: self._client.log_batch(self.run_id, metrics=chunk)):
+                self._pending = pending[start:] + self._pending
+                return
+
+    def _guarded(self, action) -> bool:
+        try:
+            action()
+            return True
+        except Exception as error:  # noqa: BLE001 - tracking must never kill training
+            log.warning("MLflow logging failed (training continues): %s", error)
+            return False
