@@ -3,12 +3,16 @@ field or file; a job that started and failed exits 1."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
-from typing import Callable
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+# modules that add their own subcommands: each defines `register(subparsers)` and gives every
+# parser `set_defaults(handler=fn)` where fn(args) -> exit code
+FEATURE_COMMANDS: tuple[str, ...] = ()
 
 
 def _add_data(sub: argparse._SubParsersAction) -> None:
@@ -24,6 +28,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     prepare.add_argument("--rows-per-shard", type=int, default=4096)
     prepare.add_argument("--seed", type=int, default=0)
     prepare.add_argument("--no-progress", action="store_true")
+    prepare.set_defaults(handler=_cmd_data)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,10 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate = sub.add_parser("validate", help="check a job spec without running anything")
     validate.add_argument("spec")
+    validate.set_defaults(handler=_cmd_validate)
 
     submit = sub.add_parser("submit", help="run a pretrain/finetune/deploy job spec")
     submit.add_argument("spec")
     submit.add_argument("--address", help="Ray address (host:port, ray://…); default: embedded local Ray")
+    submit.set_defaults(handler=_cmd_submit)
 
     deploy = sub.add_parser("deploy", help="serve a checkpoint (dir, s3:// or a deploy spec) with Ray Serve")
     deploy.add_argument("target", help="checkpoint dir / s3:// URI, or a deploy spec .yaml")
@@ -46,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("--port", type=int, default=8000)
     deploy.add_argument("--replicas", type=int, default=1)
     deploy.add_argument("--address", help="Ray address; without one the app lives until Ctrl-C")
+    deploy.set_defaults(handler=_cmd_deploy)
 
     generate = sub.add_parser("generate", help="query a deployed model over HTTP")
     generate.add_argument("prompt")
@@ -57,10 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int)
     generate.add_argument("--raw", action="store_true", help="don't wrap the prompt in the fine-tuning template")
     generate.add_argument("--json", action="store_true", help="print the whole response")
+    generate.set_defaults(handler=_cmd_generate)
 
     demo = sub.add_parser("demo", help="prepare → pre-train → fine-tune → deploy → generate, all local")
     demo.add_argument("--workdir", default="demo_output")
     demo.add_argument("--port", type=int, default=8000)
+    demo.set_defaults(handler=_cmd_demo)
+    for module_name in FEATURE_COMMANDS:
+        importlib.import_module(module_name).register(sub)
     return parser
 
 
@@ -147,12 +159,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "data": _cmd_data, "validate": _cmd_validate, "submit": _cmd_submit,
-    "deploy": _cmd_deploy, "generate": _cmd_generate, "demo": _cmd_demo,
-}
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.s3_endpoint:
@@ -160,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     from orchestrator.errors import BAD_INPUT_ERRORS, FAILED_ERRORS
 
     try:
-        return COMMANDS[args.command](args)
+        return args.handler(args)
     except BAD_INPUT_ERRORS as error:
         print(f"gptctl: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class SpecError(ValueError):
@@ -69,6 +69,11 @@ class ClusterSpec(_Strict):
 
 class TrackingSpec(_Strict):
     uri: str | None = Field(default=None, description="MLflow tracking URI; default sqlite:///<cwd>/mlflow.db")
+
+    @field_validator("uri", mode="before")
+    @classmethod
+    def _empty_is_default(cls, value: Any) -> Any:
+        return None if value == "" else value
     experiment: str = "gptctl"
     registered_model: str | None = Field(default=None, description="default: the job name")
 

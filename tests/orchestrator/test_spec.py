@@ -58,3 +58,11 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_at(110, **kwargs) == pytest.approx(0.1)
     values = [lr_at(s, **kwargs) for s in range(10, 111)]
     assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+@pytest.mark.parametrize("path", sorted(__import__("pathlib").Path(__file__).parents[2].joinpath("examples").glob("*.yaml")))
+def test_example_specs_validate(path):
+    from orchestrator.spec import load_spec
+
+    spec = load_spec(path)
+    assert spec.kind == path.stem
