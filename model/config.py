@@ -94,10 +94,12 @@ def _count_parameters(config: GPTConfig, exclude_embeddings: bool = False) -> in
 def flops_per_token(config: GPTConfig, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward), PaLM appendix B: 6*N + 12*L*H*Q*T.
 
-    N is the non-embedding parameter count and H*Q == n_embd, so the second term is the
+    N counts every weight a token is multiplied by: the non-embedding parameters plus the
+    LM head (tied to the token embedding, but still a vocab x n_embd matmul per token);
+    the position/token lookups are free. H*Q == n_embd, so the second term is the
     attention-score/value work that grows with the context length seq_len.
     """
     if seq_len <= 0:
         raise ValueError(f"seq_len must be positive, got {seq_len}")
-    n = _count_parameters(config, exclude_embeddings=True)
+    n = _count_parameters(config, exclude_embeddings=True) + config.vocab_size * config.n_embd
     return float(6 * n + 12 * config.n_layer * config.n_embd * seq_len)

@@ -6,6 +6,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from model.block import Block
@@ -31,6 +32,8 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # Weight tying: input embedding and output projection are one Parameter.
         self.lm_head.weight = self.transformer.wte.weight
+        # trade compute for memory: recompute each block's activations in backward
+        self.activation_checkpointing = False
         self.apply(self._init_weights)
         # GPT-2: scale residual-stream projections so the residual variance does not
         # grow with depth (two residual additions per block).
@@ -76,8 +79,12 @@ class GPT(nn.Module):
 
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        recompute = self.activation_checkpointing and self.training and kv_cache is None
         for block in self.transformer.h:
-            x = block(x, kv_cache)
+            if recompute:
+                x = torch.utils.checkpoint.checkpoint(block, x, None, use_reentrant=False)
+            else:
+                x = block(x, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(T)
         logits = self.lm_head(self.transformer.ln_f(x))

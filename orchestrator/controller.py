@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from model import GPTConfig, GPTTokenizer, config_from_preset
 from orchestrator.planning import plan_shards
@@ -32,6 +33,7 @@ class TrainingResult:
     metrics: dict[str, float]
     model_name: str | None = None
     model_version: int | None = None
+    best_checkpoint: str | None = None  # serving files of the lowest-val-loss checkpoint
 
 
 def require_checkpoint(uri: str, field: str) -> None:
@@ -83,6 +85,13 @@ def _model_config(spec: PretrainSpec | FinetuneSpec, manifest: Manifest) -> tupl
     return config, parent
 
 
+def job_run_dir(spec: PretrainSpec | FinetuneSpec) -> str:
+    """Where Ray Train keeps this job's checkpoints (`<storage_path>/<name>`), as a URI."""
+    if storage.is_s3(spec.storage_path):
+        return storage.join(spec.storage_path, spec.name)
+    return str(Path(spec.storage_path).expanduser().resolve() / spec.name)
+
+
 @dataclass
 class PreparedJob:
     spec: PretrainSpec | FinetuneSpec
@@ -98,11 +107,14 @@ def prepare_job(spec: PretrainSpec | FinetuneSpec) -> PreparedJob:
     if storage.is_s3(spec.storage_path):
         storage.check_reachable(spec.storage_path)
     plan = plan_shards(manifest, spec.cluster.num_workers, spec.data)
+    run_dir = job_run_dir(spec)
     job = WorkerJob(
         job_name=spec.name, kind=kind, data_uri=spec.data, train=spec.train.model_dump(),
         model_config=config.to_dict(), train_shards=plan.train, val_shards=plan.val,
         tracking_uri=resolve_tracking_uri(spec.tracking.uri), parent_run_id=parent_run_id,
-        init_from=getattr(spec, "init_from", None), extra={"env": forwarded_env()},
+        init_from=getattr(spec, "init_from", None),
+        extra={"env": forwarded_env(), "debug": spec.debug.model_dump(),
+               "fault_marker": storage.join(run_dir, ".fault_injected"), "best_uri": storage.join(run_dir, "best")},
     )
     return PreparedJob(spec=spec, worker_job=job, manifest=manifest)
 
@@ -132,7 +144,7 @@ def run_training(prepared: PreparedJob, address: str | None = None, on_run=print
         run_config=RunConfig(
             name=spec.name, storage_path=storage_path, storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=spec.cluster.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=3),
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_last),
         ),
     )
     try:
@@ -149,5 +161,7 @@ def run_training(prepared: PreparedJob, address: str | None = None, on_run=print
     version = register_checkpoint(job.run_id, uri, model_name, job.tracking_uri)
     tracker.client.set_tag(job.run_id, "gptctl.checkpoint", uri)
     tracker.close(job.run_id, succeeded=True)
+    best = job.extra["best_uri"]
     return TrainingResult(checkpoint=uri, run_id=job.run_id, step=state["step"],
-                          metrics=dict(result.metrics or {}), model_name=model_name, model_version=version)
+                          metrics=dict(result.metrics or {}), model_name=model_name, model_version=version,
+                          best_checkpoint=best if storage.exists(storage.join(best, "model.safetensors")) else None)

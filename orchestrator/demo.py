@@ -55,7 +55,7 @@ def run_demo(workdir: str | Path = "demo_output", port: int = 8000, pretrain_ste
     print("[demo] 4/6 fine-tuning on question/answer pairs (loss on answers only)", flush=True)
     finetune_data = str(workdir / "shards" / "qa")
     prepare_dataset([str(corpus["qa_train"])], finetune_data, seq_len=64, tokenizer=pretrained.checkpoint,
-                    val_fraction=0.0, rows_per_shard=256, seed=0, held_out=[str(corpus["qa_val"])])
+                    val_fraction=0.0, rows_per_shard=256, seed=0, val_inputs=[str(corpus["qa_val"])])
     finetune = parse_spec({
         "kind": "finetune", "name": "demo-finetune", "init_from": pretrained.checkpoint, "data": finetune_data,
         "train": {"max_steps": finetune_steps, "micro_batch_size": 16, "lr": 1e-3, "min_lr": 1e-4,
@@ -69,7 +69,7 @@ def run_demo(workdir: str | Path = "demo_output", port: int = 8000, pretrain_ste
     try:
         url = deploy(parse_spec({"kind": "deploy", "name": "demo", "checkpoint": finetuned.checkpoint, "port": port}))
         print("[demo] 6/6 asking it a question over HTTP", flush=True)
-        question = "Where does " + _first_person(corpus["qa_val"]) + " live?"
+        question, expected = _held_out_example(corpus["qa_val"])
         reply = query(url, question, max_tokens=24, temperature=0.0)
     finally:
         from ray import serve
@@ -83,14 +83,16 @@ def run_demo(workdir: str | Path = "demo_output", port: int = 8000, pretrain_ste
     print(f"held-out QA loss before fine-tuning: {before:.3f}   after: {after:.3f}")
     print(f"POST {url}/generate  prompt: {question!r}")
     print(f"completion    : {reply['text']!r}")
+    print(f"held-out truth: {expected!r}")
     print(f"MLflow UI     : mlflow ui --backend-store-uri {tracking_uri} --port 5000  → http://127.0.0.1:5000")
     print(f"took {time.monotonic() - started:.0f} s")
     return {"pretrain_run": pretrained.run_id, "finetune_run": finetuned.run_id, "val_before": before,
             "val_after": after, "completion": reply["text"]}
 
 
-def _first_person(qa_path: Path) -> str:
+def _held_out_example(qa_path: Path) -> tuple[str, str]:
+    """A question the fine-tune never trained on, with its true answer."""
     import json
 
     record = json.loads(Path(qa_path).read_text().splitlines()[0])
-    return record["prompt"].removeprefix("Where does ").split(" live?")[0]
+    return record["prompt"], record["response"]

@@ -47,16 +47,26 @@ class TrainSpec(_Strict):
     grad_clip: float = Field(default=1.0, ge=0)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = Field(default=False, description="ZeRO 1-3: optimizer state in CPU memory")
+    offload_params: bool = Field(default=False, description="ZeRO 3: parameters in CPU memory")
+    activation_checkpointing: bool = Field(default=False, description="recompute block activations in backward")
+    compile: bool = Field(default=False, description="torch.compile the model")
     eval_every: int = Field(default=50, ge=1, description="steps between validation passes")
     eval_batches: int = Field(default=4, ge=1)
     log_every: int = Field(default=1, ge=1)
     checkpoint_every: int = Field(default=50, ge=1)
+    keep_last: int = Field(default=3, ge=1, description="checkpoints kept besides the best (by val loss)")
+    samples_at_eval: int = Field(default=2, ge=0, description="generated samples logged to MLflow per eval")
     seed: int = 0
 
     @model_validator(mode="after")
     def _lr_order(self) -> "TrainSpec":
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("offload_params needs zero_stage 3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3")
         return self
 
 
@@ -78,6 +88,13 @@ class TrackingSpec(_Strict):
     registered_model: str | None = Field(default=None, description="default: the job name")
 
 
+class DebugSpec(_Strict):
+    """Fault injection for testing recovery; off unless set."""
+
+    fail_at_step: int | None = Field(default=None, ge=1, description="a worker exits once after this step")
+    fail_rank: int = Field(default=0, ge=0)
+
+
 class _JobBase(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
     storage_path: str = Field(default="./runs", description="local dir or s3://bucket/prefix for checkpoints")
@@ -90,6 +107,7 @@ class PretrainSpec(_JobBase):
     model: ModelSpec = ModelSpec()
     train: TrainSpec = TrainSpec()
     cluster: ClusterSpec = ClusterSpec()
+    debug: DebugSpec = DebugSpec()
 
 
 class FinetuneSpec(_JobBase):
@@ -98,6 +116,7 @@ class FinetuneSpec(_JobBase):
     data: str = Field(description="prepared prompt/response shards with a loss mask")
     train: TrainSpec = TrainSpec(lr=1e-4, min_lr=1e-5, warmup_steps=5, weight_decay=0.0)
     cluster: ClusterSpec = ClusterSpec()
+    debug: DebugSpec = DebugSpec()
 
 
 class DeploySpec(_Strict):

@@ -41,6 +41,7 @@ class TrainerState:
     mlflow_run_id: str | None = None
     parent_run_id: str | None = None
     val_loss: float | None = None
+    best_val_loss: float | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)

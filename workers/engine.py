@@ -24,9 +24,16 @@ def deepspeed_config(train: TrainSpec) -> dict[str, Any]:
         "steps_per_print": 10**9,  # we log to MLflow ourselves
         "wall_clock_breakdown": False,
     }
+    zero = config["zero_optimization"]
     if train.zero_stage == 3:
         # lets rank 0 write one consolidated safetensors file without a separate merge step
-        config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if train.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+        # we pass a torch AdamW; DeepSpeed would otherwise insist on its compiled CPU Adam
+        config["zero_force_ds_cpu_optimizer"] = False
+    if train.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": False}
     if train.precision == "bf16":
         config["bf16"] = {"enabled": True}
     elif train.precision == "fp16":
@@ -61,10 +68,13 @@ def build_engine(model: GPT, train: TrainSpec):
     import deepspeed
 
     check_precision(train.precision)
+    model.activation_checkpointing = train.activation_checkpointing
     optimizer = torch.optim.AdamW(
         model.configure_param_groups(train.weight_decay), lr=train.lr, betas=tuple(train.betas)
     )
     engine, optimizer, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(train)
     )
+    if train.compile:
+        engine.compile()
     return engine, optimizer

@@ -65,8 +65,18 @@ class RayHooks:
         return self._train.get_checkpoint()
 
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
-        checkpoint = self._train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        self._train.report(metrics, checkpoint=checkpoint)
+        """Uploads in the background (training goes on) and deletes the local copy afterwards.
+
+        Ray registers a checkpoint only once every rank's upload has finished, so a half-written
+        checkpoint is never the one a resume picks."""
+        if checkpoint_dir is None:
+            self._train.report(metrics)
+            return
+        self._train.report(
+            metrics, checkpoint=self._train.Checkpoint.from_directory(checkpoint_dir),
+            checkpoint_upload_mode=self._train.CheckpointUploadMode.ASYNC,
+            delete_local_checkpoint_after_upload=True,
+        )
 
 
 class LocalHooks:
@@ -82,11 +92,13 @@ class LocalHooks:
         return None
 
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+        import shutil
+
         self.reports.append(metrics)
         if checkpoint_dir and self.checkpoint_root:
-            import shutil
-
             shutil.copytree(checkpoint_dir, self.checkpoint_root / f"step_{int(metrics['step']):08d}", dirs_exist_ok=True)
+        if checkpoint_dir:
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -136,10 +148,74 @@ def evaluate(engine, batches: list[Batch], rank: int, world_size: int) -> float:
     return mean
 
 
+class _Fault:
+    """One-shot fault injection (spec `debug.fail_at_step`): the marker makes it fire once per job."""
+
+    def __init__(self, debug: dict[str, Any], marker_uri: str | None, rank: int):
+        self.step = debug.get("fail_at_step")
+        self.armed = self.step is not None and debug.get("fail_rank", 0) == rank and marker_uri is not None
+        self.marker_uri = marker_uri
+
+    def maybe_fire(self, step: int) -> None:
+        if self.armed and step == self.step and not storage.exists(self.marker_uri):
+            storage.write_text(self.marker_uri, f"worker killed after step {step}\n")
+            print(f"[gptctl] fault injection: worker exits after step {step}", flush=True)
+            os._exit(17)
+
+
+def _sample_prompts(val: list[Batch], count: int) -> list[list[int]]:
+    """Prompts for eval samples: the prompt part of fine-tuning rows, else a row's first tokens."""
+    prompts: list[list[int]] = []
+    for batch in val[:1]:
+        for row in range(min(count, batch.input_ids.shape[0])):
+            ids = batch.input_ids[row].tolist()
+            if batch.loss_mask is not None and batch.loss_mask[row].any():
+                cut = int(batch.loss_mask[row].nonzero()[0]) + 1  # mask[t] scores the token after input t
+                prompts.append(ids[:cut])
+            else:
+                prompts.append(ids[:8])
+    return prompts
+
+
+def _log_samples(engine, tokenizer: GPTTokenizer, prompts: list[list[int]], tracker: RunLogger, step: int) -> None:
+    from model import SamplingParams, generate
+
+    params = SamplingParams(max_new_tokens=32, temperature=0.8, top_k=50, seed=step,
+                            stop_token_ids=(tokenizer.eos_id,))
+    lines = []
+    for prompt in prompts:
+        completion = generate(engine.module, prompt, params)
+        lines.append(f"--- prompt: {tokenizer.decode(prompt)!r}\n{tokenizer.decode(completion)}\n")
+    engine.train()
+    tracker.log_text("\n".join(lines), f"samples/step_{step:08d}.txt")
+
+
+def _start_system_metrics(job: WorkerJob, enabled: bool):
+    """MLflow's own CPU/GPU/memory sampler, attached to the job's run from rank 0."""
+    if not (enabled and job.run_id):
+        return None
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(job.run_id, sampling_interval=5, resume_logging=True,
+                                       tracking_uri=job.tracking_uri)
+        monitor.start()
+        return monitor
+    except Exception as error:  # noqa: BLE001 - metrics are a nicety, never a failure
+        log.warning("system metrics unavailable: %s", error)
+        return None
+
+
 def run_worker(job: WorkerJob, hooks) -> TrainerState:
     """Train until train.max_steps, resuming from the latest checkpoint the hooks offer."""
+    from model.config import flops_per_token
+
+    from workers.metrics import mfu, peak_flops, peak_memory_gb
+
     train = TrainSpec(**job.train)
     rank, world_size = hooks.rank, hooks.world_size
+    if job.extra.get("torch_threads"):
+        torch.set_num_threads(int(job.extra["torch_threads"]))
     torch.manual_seed(train.seed)
     tokenizer = GPTTokenizer.from_str(storage.read_text(storage.join(job.data_uri, "tokenizer.json")))
 
@@ -162,16 +238,26 @@ def run_worker(job: WorkerJob, hooks) -> TrainerState:
             print(f"[gptctl] resumed {job.job_name} from step {state.step}", flush=True)
 
     tracker = RunLogger(job.tracking_uri, job.run_id, enabled=(rank == 0))
+    monitor = _start_system_metrics(job, enabled=(rank == 0 and job.extra.get("system_metrics", True)))
+    fault = _Fault(job.extra.get("debug", {}), job.extra.get("fault_marker"), rank)
     stream: Iterator[Batch] = train_batches(
         job.data_uri, job.train_shards[rank], train.micro_batch_size, train.seed,
         start_batch=state.data_position["batches_consumed"],
     )
     val = list(eval_batches(job.data_uri, job.val_shards, train.micro_batch_size, train.eval_batches)) if job.val_shards else []
+    prompts = _sample_prompts(val, train.samples_at_eval) if train.zero_stage != 3 else []
     tokens_per_step = world_size * train.grad_accum_steps * train.micro_batch_size * model_config.block_size
+    flops = flops_per_token(model_config, model_config.block_size)
+    peak = peak_flops(engine.device, train.precision)
+
+    def run_eval() -> None:
+        state.val_loss = evaluate(engine, val, rank, world_size)
+        tracker.log_metrics({"val/loss": state.val_loss, "val/perplexity": math.exp(min(state.val_loss, 50))}, state.step)
+        if rank == 0 and prompts:
+            _log_samples(engine, tokenizer, prompts, tracker, state.step)
 
     if state.step == 0 and val:
-        state.val_loss = evaluate(engine, val, rank, world_size)
-        tracker.log_metrics({"val/loss": state.val_loss, "val/perplexity": math.exp(min(state.val_loss, 50))}, 0)
+        run_eval()
 
     engine.train()
     while state.step < train.max_steps:
@@ -192,7 +278,11 @@ def run_worker(job: WorkerJob, hooks) -> TrainerState:
         state.data_position = {"batches_consumed": state.data_position["batches_consumed"] + train.grad_accum_steps}
         train_loss = _mean_across_ranks(loss_sum / train.grad_accum_steps)
         elapsed = time.perf_counter() - started
-        metrics = {"train/loss": train_loss, "train/lr": lr, "train/tokens_per_s": tokens_per_step / elapsed}
+        metrics = {"train/loss": train_loss, "train/lr": lr, "train/tokens_per_s": tokens_per_step / elapsed,
+                   "train/peak_mem_gb": peak_memory_gb(engine.device)}
+        utilisation = mfu(flops, tokens_per_step / elapsed / world_size, peak)
+        if utilisation is not None:
+            metrics["train/mfu"] = utilisation
         grad_norm = engine.get_global_grad_norm()
         if grad_norm is not None:
             metrics["train/grad_norm"] = float(grad_norm)
@@ -201,19 +291,35 @@ def run_worker(job: WorkerJob, hooks) -> TrainerState:
 
         last = state.step == train.max_steps
         if val and (state.step % train.eval_every == 0 or last):
-            state.val_loss = evaluate(engine, val, rank, world_size)
-            tracker.log_metrics({"val/loss": state.val_loss, "val/perplexity": math.exp(min(state.val_loss, 50))}, state.step)
+            run_eval()
         if state.step % train.checkpoint_every == 0 or last:
             tracker.flush()
-            with tempfile.TemporaryDirectory(prefix="gptctl-ckpt-") as local:
-                save_checkpoint(local, engine, zero_stage=train.zero_stage, model_config=model_config,
-                                tokenizer=tokenizer, state=state, is_rank_zero=(rank == 0))
-                report = {"step": state.step, "train/loss": train_loss}
-                if state.val_loss is not None:
-                    report["val/loss"] = state.val_loss
-                hooks.report(report, local)
+            _checkpoint(job, engine, train, model_config, tokenizer, state, hooks, train_loss)
+        fault.maybe_fire(state.step)
     tracker.flush()
+    if monitor is not None:
+        monitor.finish()
     return state
+
+
+def _checkpoint(job: WorkerJob, engine, train: TrainSpec, model_config: GPTConfig, tokenizer: GPTTokenizer,
+                state: TrainerState, hooks, train_loss: float) -> None:
+    """Save this rank's part locally, keep a copy of the best weights, hand the rest to Ray."""
+    rank = hooks.rank
+    local = tempfile.mkdtemp(prefix="gptctl-ckpt-")  # Ray deletes it once the upload is done
+    improved = state.val_loss is not None and (state.best_val_loss is None or state.val_loss < state.best_val_loss)
+    if improved:
+        state.best_val_loss = state.val_loss
+    save_checkpoint(local, engine, zero_stage=train.zero_stage, model_config=model_config,
+                    tokenizer=tokenizer, state=state, is_rank_zero=(rank == 0))
+    if improved and rank == 0 and job.extra.get("best_uri"):
+        # the best weights outlive keep_last rotation: serving files only, no optimizer state
+        for name in SERVING_FILES:
+            storage.upload_file(str(Path(local, name)), storage.join(job.extra["best_uri"], name))
+    report = {"step": state.step, "train/loss": train_loss}
+    if state.val_loss is not None:
+        report["val/loss"] = state.val_loss
+    hooks.report(report, local)
 
 
 __all__ = ["WorkerJob", "train_loop_per_worker", "run_worker", "evaluate", "SERVING_FILES"]

@@ -1,0 +1,142 @@
+"""How much gptctl's training path costs on top of a bare PyTorch loop.
+
+Same GPT, batch, sequence length, seed and thread count, in one run:
+  (a) bare single-process PyTorch AdamW loop on pre-loaded batches
+  (b) the gptctl worker loop (shard streaming + DeepSpeed ZeRO-2) in this process, no Ray
+  (c) the full path: controller → Ray Train (1 worker) → the same worker loop
+Steady-state tokens/s is the median over steps after a warm-up; startup_s is submit → first
+step of (c) with warm caches (DeepSpeed op compiled, Ray started).
+
+    python bench/train_overhead.py [--steps 40] [--threads 2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def _tokens_per_s_from_mlflow(tracking_uri: str, run_id: str, skip: int) -> float:
+    from mlflow.tracking import MlflowClient
+
+    history = sorted(MlflowClient(tracking_uri).get_metric_history(run_id, "train/tokens_per_s"), key=lambda m: m.step)
+    return statistics.median(m.value for m in history[skip:])
+
+
+def bare_loop(model_config, batches, steps: int, lr: float, skip: int) -> float:
+    from model import GPT
+
+    torch.manual_seed(0)
+    model = GPT(model_config)
+    optimizer = torch.optim.AdamW(model.configure_param_groups(0.1), lr=lr, betas=(0.9, 0.95))
+    rates = []
+    for step in range(steps):
+        batch = batches[step % len(batches)]
+        started = time.perf_counter()
+        _, loss = model(batch.input_ids, batch.targets)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        rates.append(batch.input_ids.numel() / (time.perf_counter() - started))
+    return statistics.median(rates[skip:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--n-layer", type=int, default=4)
+    parser.add_argument("--n-embd", type=int, default=256)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=8)
+    args = parser.parse_args()
+
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/gptctl/torch_extensions"))
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    torch.set_num_threads(args.threads)
+
+    from orchestrator.controller import prepare_job, run_training
+    from orchestrator.data.corpus import write_demo_corpus
+    from orchestrator.data.prepare import prepare_dataset
+    from orchestrator.spec import parse_spec
+    from workers.data import train_batches
+    from workers.engine import ensure_single_process_env
+    from workers.train_loop import LocalHooks, run_worker
+
+    work = Path(tempfile.mkdtemp(prefix="gptctl-bench-"))
+    corpus = write_demo_corpus(work / "corpus", n_people=200)
+    data = str(work / "data")
+    prepare_dataset([str(corpus["pretrain"])], data, vocab_size=2048, seq_len=args.seq_len,
+                    rows_per_shard=256, progress=False)
+    tracking = f"sqlite:///{work / 'mlflow.db'}"
+    spec = {
+        "kind": "pretrain", "name": "bench", "data": data, "storage_path": str(work / "runs"),
+        "tracking": {"uri": tracking, "experiment": "bench"},
+        "model": {"preset": "tiny", "n_layer": args.n_layer, "n_head": 4, "n_embd": args.n_embd},
+        "train": {"max_steps": args.steps, "micro_batch_size": args.batch, "lr": 1e-3, "min_lr": 1e-3,
+                  "warmup_steps": 0, "eval_every": 10**6, "checkpoint_every": 10**6, "samples_at_eval": 0,
+                  "zero_stage": 2},
+        "cluster": {"num_workers": 1, "cpus_per_worker": args.threads},
+    }
+
+    # (b) the worker loop in this process
+    prepared = prepare_job(parse_spec({**spec, "name": "bench-worker"}))
+    job = prepared.worker_job
+    from model import GPTConfig
+
+    model_config = GPTConfig.from_dict(job.model_config)
+    job.val_shards = []  # no eval inside the timed loop
+    job.extra.update({"torch_threads": args.threads, "system_metrics": False})
+    from orchestrator.runs import JobRun
+
+    tracker = JobRun(tracking, "bench")
+    job.run_id = tracker.open("bench-worker", "pretrain", "local", {})
+    ensure_single_process_env()
+    run_worker(job, LocalHooks())
+    worker_rate = _tokens_per_s_from_mlflow(tracking, job.run_id, args.warmup)
+
+    # (a) the bare loop on the same batches, pre-loaded
+    stream = train_batches(data, job.train_shards[0], args.batch, 0)
+    batches = [next(stream) for _ in range(min(args.steps, 20))]
+    bare_rate = bare_loop(model_config, batches, args.steps, 1e-3, args.warmup)
+
+    # (c) the full path through Ray Train, one worker; Ray started first so startup is warm
+    from orchestrator.ray_runtime import ensure_ray
+
+    ensure_ray()
+    prepared = prepare_job(parse_spec({**spec, "name": "bench-ray"}))
+    prepared.worker_job.val_shards = []
+    prepared.worker_job.extra.update({"torch_threads": args.threads, "system_metrics": False})
+    submitted = time.time()
+    result = run_training(prepared, on_run=lambda _: None)
+    from mlflow.tracking import MlflowClient
+
+    first = min(MlflowClient(tracking).get_metric_history(result.run_id, "train/loss"), key=lambda m: m.step)
+    startup_s = first.timestamp / 1000 - submitted
+    ray_rate = _tokens_per_s_from_mlflow(tracking, result.run_id, args.warmup)
+
+    print(f"model: {args.n_layer} layers x {args.n_embd}, seq {args.seq_len}, batch {args.batch}, "
+          f"{args.threads} threads, {args.steps} steps (median after {args.warmup})")
+    print(f"(a) bare PyTorch loop        : {bare_rate:10,.0f} tokens/s")
+    print(f"(b) gptctl worker, ZeRO-2    : {worker_rate:10,.0f} tokens/s  ratio {worker_rate / bare_rate:.3f}")
+    print(f"(c) Ray Train, 1 worker      : {ray_rate:10,.0f} tokens/s  ratio {ray_rate / bare_rate:.3f}")
+    print(f"startup (submit → first step): {startup_s:.1f} s")
+    import ray
+
+    ray.shutdown()
+    print(json.dumps({"bench": "train_overhead", "bare_tokens_per_s": round(bare_rate),
+                      "worker_tokens_per_s": round(worker_rate), "ray_tokens_per_s": round(ray_rate),
+                      "ratio_worker": round(worker_rate / bare_rate, 3), "ratio_ray": round(ray_rate / bare_rate, 3),
+                      "startup_s": round(startup_s, 2)}))
+
+
+if __name__ == "__main__":
+    main()
