@@ -158,9 +158,14 @@ def run_training(prepared: PreparedJob, address: str | None = None, on_run=print
     uri = checkpoint_uri(result.checkpoint)
     model_name = spec.tracking.registered_model or spec.name
     state = json.loads(storage.read_text(storage.join(uri, "trainer_state.json")))
-    version = register_checkpoint(job.run_id, uri, model_name, job.tracking_uri)
-    tracker.client.set_tag(job.run_id, "gptctl.checkpoint", uri)
-    tracker.close(job.run_id, succeeded=True)
+    version = None
+    try:
+        version = register_checkpoint(job.run_id, uri, model_name, job.tracking_uri)
+        tracker.client.set_tag(job.run_id, "gptctl.checkpoint", uri)
+        tracker.close(job.run_id, succeeded=True)
+    except Exception as error:  # noqa: BLE001 - the checkpoint is safe; tracking must not fail the job
+        on_run(f"[gptctl] warning: could not register {uri} in MLflow ({error}); "
+               f"register it later with the checkpoint path")
     best = job.extra["best_uri"]
     return TrainingResult(checkpoint=uri, run_id=job.run_id, step=state["step"],
                           metrics=dict(result.metrics or {}), model_name=model_name, model_version=version,

@@ -93,6 +93,7 @@ class DebugSpec(_Strict):
 
     fail_at_step: int | None = Field(default=None, ge=1, description="a worker exits once after this step")
     fail_rank: int = Field(default=0, ge=0)
+    step_delay_s: float = Field(default=0.0, ge=0, le=60, description="sleep after each step (to widen test windows)")
 
 
 class _JobBase(_Strict):
@@ -127,6 +128,24 @@ class DeploySpec(_Strict):
     port: int = Field(default=8000, ge=1, le=65535)
     num_replicas: int = Field(default=1, ge=1)
     cpus_per_replica: float = Field(default=1.0, ge=0)
+    # serving options (issue 5); all optional, checked together in orchestrator/deploy.py
+    route_prefix: str = Field(default="/", pattern=r"^/([A-Za-z0-9._~-]+(/[A-Za-z0-9._~-]+)*)?$",
+                              description="URL prefix of this app; apps sharing one Serve need distinct ones")
+    gpus_per_replica: float = Field(default=0.0, ge=0)
+    min_replicas: int | None = Field(default=None, ge=0, description="autoscaling lower bound (default 1)")
+    max_replicas: int | None = Field(default=None, ge=1,
+                                     description="autoscale between min_replicas and this instead of num_replicas")
+    target_ongoing_requests: float = Field(default=16.0, gt=0, description="autoscaling: in-flight requests per replica")
+    max_ongoing_requests: int = Field(default=256, ge=1, description="requests one replica takes at once; more queue")
+    max_batch_size: int = Field(default=32, ge=1, description="sequences decoded together in one forward pass")
+    max_context: int | None = Field(default=None, ge=2,
+                                    description="prompt + completion tokens; default and upper bound: block_size")
+    max_tokens_limit: int | None = Field(default=None, ge=1, description="largest max_tokens; default: the context")
+    max_request_bytes: int = Field(default=1_048_576, ge=1024)
+    batch_invariant: bool = Field(default=True, description="a request's output never depends on its batch")
+    api_key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                                    description="name of the environment variable that holds the API key")
+    api_key_file: str | None = Field(default=None, description="path of a file that holds the API key")
 
 
 JobSpec = Annotated[Union[PretrainSpec, FinetuneSpec, DeploySpec], Field(discriminator="kind")]

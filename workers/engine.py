@@ -69,8 +69,12 @@ def build_engine(model: GPT, train: TrainSpec):
 
     check_precision(train.precision)
     model.activation_checkpointing = train.activation_checkpointing
+    from deepspeed.accelerator import get_accelerator
+
+    on_cuda = get_accelerator().device_name() == "cuda"
     optimizer = torch.optim.AdamW(
-        model.configure_param_groups(train.weight_decay), lr=train.lr, betas=tuple(train.betas)
+        model.configure_param_groups(train.weight_decay), lr=train.lr, betas=tuple(train.betas),
+        fused=on_cuda and not train.offload_optimizer,  # one kernel for the whole update on GPUs
     )
     engine, optimizer, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(train)

@@ -6,6 +6,7 @@ A tracking failure is reported as a warning and never stops training.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any
 
@@ -13,7 +14,10 @@ log = logging.getLogger(__name__)
 
 
 class RunLogger:
-    """Buffers step metrics and sends them in batches; a no-op on ranks other than 0."""
+    """Buffers step metrics and sends them in batches; a no-op on ranks other than 0.
+
+    While the tracking server is unreachable the metrics stay buffered and go out with the
+    next successful flush (the last one is at the end of training)."""
 
     def __init__(self, tracking_uri: str | None, run_id: str | None, enabled: bool, flush_every: int = 10):
         self.enabled = bool(enabled and run_id)
@@ -22,6 +26,10 @@ class RunLogger:
         self._pending: list[Any] = []
         self._client = None
         if self.enabled:
+            # fail fast and keep the metrics for the next flush instead of MLflow's minutes of
+            # in-request retries, which would stall the training step
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
             from mlflow.tracking import MlflowClient
 
             self._client = MlflowClient(tracking_uri=tracking_uri)
@@ -50,6 +58,16 @@ class RunLogger:
             if not self._guarded(lambda: self._client.log_batch(self.run_id, metrics=chunk)):
                 self._pending = pending[start:] + self._pending
                 return
+
+    def close(self, retry_s: float = 60.0) -> None:
+        """Final flush: keep trying for a while so an outage near the end loses nothing."""
+        deadline = time.monotonic() + retry_s
+        self.flush()
+        while self._pending and time.monotonic() < deadline:
+            time.sleep(2.0)
+            self.flush()
+        if self._pending:
+            log.warning("MLflow unreachable: %d metric values were not logged", len(self._pending))
 
     def _guarded(self, action) -> bool:
         try:

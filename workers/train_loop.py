@@ -148,11 +148,28 @@ def evaluate(engine, batches: list[Batch], rank: int, world_size: int) -> float:
     return mean
 
 
+def optimizer_step(engine, optimizer, batches: Iterator[Batch], grad_accum_steps: int, lr: float) -> float:
+    """One optimizer step over `grad_accum_steps` micro-batches; returns this rank's mean loss.
+
+    DeepSpeed's engine.step() only updates weights at the accumulation boundary."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    losses = []
+    for _ in range(grad_accum_steps):
+        idx, targets, mask = _to_device(next(batches), engine.device)
+        _, loss = engine(idx, targets, mask)
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.detach())
+    return float(torch.stack(losses).float().mean())  # one device sync per step, not per micro-batch
+
+
 class _Fault:
     """One-shot fault injection (spec `debug.fail_at_step`): the marker makes it fire once per job."""
 
     def __init__(self, debug: dict[str, Any], marker_uri: str | None, rank: int):
         self.step = debug.get("fail_at_step")
+        self.step_delay_s = float(debug.get("step_delay_s", 0.0))
         self.armed = self.step is not None and debug.get("fail_rank", 0) == rank and marker_uri is not None
         self.marker_uri = marker_uri
 
@@ -264,19 +281,11 @@ def run_worker(job: WorkerJob, hooks) -> TrainerState:
         started = time.perf_counter()
         lr = lr_at(state.step, max_lr=train.lr, min_lr=train.min_lr,
                    warmup_steps=train.warmup_steps, max_steps=train.max_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = 0.0
-        for _ in range(train.grad_accum_steps):
-            idx, targets, mask = _to_device(next(stream), engine.device)
-            _, loss = engine(idx, targets, mask)
-            engine.backward(loss)
-            engine.step()
-            loss_sum += float(loss.detach())
+        local_loss = optimizer_step(engine, optimizer, stream, train.grad_accum_steps, lr)
         state.step += 1
         state.tokens_seen += tokens_per_step
         state.data_position = {"batches_consumed": state.data_position["batches_consumed"] + train.grad_accum_steps}
-        train_loss = _mean_across_ranks(loss_sum / train.grad_accum_steps)
+        train_loss = _mean_across_ranks(local_loss)
         elapsed = time.perf_counter() - started
         metrics = {"train/loss": train_loss, "train/lr": lr, "train/tokens_per_s": tokens_per_step / elapsed,
                    "train/peak_mem_gb": peak_memory_gb(engine.device)}
@@ -296,7 +305,9 @@ def run_worker(job: WorkerJob, hooks) -> TrainerState:
             tracker.flush()
             _checkpoint(job, engine, train, model_config, tokenizer, state, hooks, train_loss)
         fault.maybe_fire(state.step)
-    tracker.flush()
+        if fault.step_delay_s:
+            time.sleep(fault.step_delay_s)
+    tracker.close()
     if monitor is not None:
         monitor.finish()
     return state

@@ -81,21 +81,25 @@ def test_run_metrics_samples_and_best_copy(workdir):
     assert (best / "model.safetensors").is_file() and (best / "trainer_state.json").is_file()
 
 
-def test_crash_resume_is_bit_identical_and_keeps_one_run(workdir, ray_cluster):
-    """A worker killed after step 6 restarts from the step-4 checkpoint and ends where an
-    uninterrupted run ends: same weights, to the bit, and still one MLflow run."""
-    spec = _spec(workdir, "crashy", zero_stage=2)
-    spec["debug"] = {"fail_at_step": 6, "fail_rank": 1}
+@pytest.mark.parametrize("fail_at_step", [6, 4])
+def test_crash_resume_is_bit_identical_and_keeps_one_run(workdir, ray_cluster, fail_at_step):
+    """A worker killed mid-run restarts from the last complete checkpoint and ends where an
+    uninterrupted run ends: same weights, to the bit, and still one MLflow run. At step 4 the
+    worker dies right after handing its checkpoint to the background upload: a half-uploaded
+    checkpoint must never be the one the restart loads."""
+    job = f"crashy{fail_at_step}"
+    spec = _spec(workdir, job, zero_stage=2)
+    spec["debug"] = {"fail_at_step": fail_at_step, "fail_rank": 1}
     spec["cluster"]["max_failures"] = 1
     crashed = run_training(prepare_job(parse_spec(spec)))
-    assert (workdir / "runs" / "crashy" / ".fault_injected").is_file(), "the fault fired"
+    assert (workdir / "runs" / job / ".fault_injected").is_file(), "the fault fired"
     assert crashed.step == 8
     uninterrupted = RESULTS[2]
     for name, tensor in _weights(crashed.checkpoint).items():
         assert torch.equal(tensor, uninterrupted[name]), name
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("training").experiment_id],
-                              filter_string="tags.`gptctl.job` = 'crashy'")
+                              filter_string=f"tags.`gptctl.job` = '{job}'")
     assert len(runs) == 1 and runs[0].info.run_id == crashed.run_id
     assert runs[0].info.status == "FINISHED"
     steps = {m.step for m in client.get_metric_history(crashed.run_id, "train/loss")}

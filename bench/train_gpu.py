@@ -1,0 +1,92 @@
+"""GPU training throughput and MFU of the gptctl worker step (DeepSpeed, no Ray).
+
+GPT-2 124M, sequence 1024, bf16 by default: the same `build_engine` + `optimizer_step` the
+Ray workers run, on synthetic tokens (data loading is measured by bench/data_throughput.py).
+On a machine without a GPU it runs a tiny preset on the CPU so the script stays exercised.
+
+    python bench/train_gpu.py [--preset gpt2] [--batch 16] [--steps 30] [--compile]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+
+def synthetic_batches(vocab: int, batch: int, seq_len: int, device: torch.device):
+    from workers.data import Batch
+
+    generator = torch.Generator().manual_seed(0)
+    while True:
+        rows = torch.randint(0, vocab, (batch, seq_len + 1), generator=generator)
+        yield Batch(input_ids=rows[:, :-1].contiguous(), targets=rows[:, 1:].contiguous(), loss_mask=None)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--preset", default=None, help="default: gpt2 on GPU, tiny on CPU")
+    parser.add_argument("--seq-len", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--grad-accum", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--precision", default=None, choices=["bf16", "fp16", "fp32"])
+    parser.add_argument("--zero-stage", type=int, default=2)
+    parser.add_argument("--compile", action="store_true")
+    args = parser.parse_args()
+
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/gptctl/torch_extensions"))
+    from model import GPT, config_from_preset
+    from model.config import flops_per_token
+    from orchestrator.spec import TrainSpec
+    from workers.engine import build_engine, ensure_single_process_env
+    from workers.metrics import mfu, peak_flops, peak_memory_gb
+    from workers.train_loop import optimizer_step
+
+    gpu = torch.cuda.is_available()
+    preset = args.preset or ("gpt2" if gpu else "tiny")
+    seq_len = args.seq_len or (1024 if gpu else 128)
+    batch = args.batch or (16 if gpu else 8)
+    precision = args.precision or ("bf16" if gpu else "fp32")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+    ensure_single_process_env()
+    torch.manual_seed(0)
+    config = config_from_preset(preset, vocab_size=50304, block_size=seq_len)
+    train = TrainSpec(micro_batch_size=batch, grad_accum_steps=args.grad_accum, precision=precision,
+                      zero_stage=args.zero_stage, compile=args.compile, lr=6e-4, min_lr=6e-5, warmup_steps=0)
+    engine, optimizer = build_engine(GPT(config), train)
+    device = engine.device
+    stream = synthetic_batches(config.vocab_size, batch, seq_len, device)
+    tokens_per_step = batch * args.grad_accum * seq_len
+    timings = []
+    for step in range(args.steps):
+        if gpu:
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        optimizer_step(engine, optimizer, stream, args.grad_accum, 6e-4)  # returns a synced float
+        timings.append(time.perf_counter() - started)
+    steady = sorted(timings[args.warmup:])
+    step_s = steady[len(steady) // 2]
+    tokens_per_s = tokens_per_step / step_s
+    flops = flops_per_token(config, seq_len)
+    utilisation = mfu(flops, tokens_per_s, peak_flops(device, precision))
+    name = torch.cuda.get_device_name(device) if gpu else "cpu"
+    print(f"device {name}; {preset} ({sum(p.numel() for p in engine.module.parameters()) / 1e6:.1f} M params), "
+          f"seq {seq_len}, batch {batch}x{args.grad_accum}, {precision}, ZeRO-{args.zero_stage}"
+          f"{', compiled' if args.compile else ''}")
+    print(f"median step {step_s * 1000:.1f} ms → {tokens_per_s:,.0f} tokens/s; "
+          f"MFU {'n/a' if utilisation is None else f'{utilisation:.1%}'}; peak memory {peak_memory_gb(device):.1f} GB")
+    print(json.dumps({"bench": "train_gpu", "device": name, "preset": preset, "seq_len": seq_len, "batch": batch,
+                      "precision": precision, "tokens_per_s": round(tokens_per_s),
+                      "mfu": None if utilisation is None else round(utilisation, 4),
+                      "step_ms": round(step_s * 1000, 2)}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""DeepSpeed config built from the spec, and the precision guard."""
+from __future__ import annotations
+
+import pytest
+
+from orchestrator.spec import SpecError, TrainSpec, parse_spec
+from workers.engine import PrecisionError, check_precision, deepspeed_config
+from workers.metrics import mfu
+
+
+def test_zero3_with_offload():
+    config = deepspeed_config(TrainSpec(zero_stage=3, offload_optimizer=True, offload_params=True,
+                                        micro_batch_size=4, grad_accum_steps=2, precision="bf16"))
+    zero = config["zero_optimization"]
+    assert zero["stage"] == 3 and zero["offload_optimizer"]["device"] == "cpu"
+    assert zero["offload_param"]["device"] == "cpu" and zero["stage3_gather_16bit_weights_on_model_save"]
+    assert config["zero_force_ds_cpu_optimizer"] is False
+    assert config["bf16"] == {"enabled": True} and config["gradient_accumulation_steps"] == 2
+
+
+def test_offload_needs_the_right_stage():
+    with pytest.raises(SpecError, match="offload_params needs zero_stage 3"):
+        parse_spec({"kind": "pretrain", "name": "a", "data": "d", "train": {"zero_stage": 2, "offload_params": True}})
+    with pytest.raises(SpecError, match="offload_optimizer"):
+        parse_spec({"kind": "pretrain", "name": "a", "data": "d", "train": {"zero_stage": 0, "offload_optimizer": True}})
+
+
+def test_fp16_on_cpu_is_a_clear_error():
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu":
+        pytest.skip("this machine's accelerator supports fp16")
+    with pytest.raises(PrecisionError, match="train.precision: fp16 is not supported on the cpu accelerator"):
+        check_precision("fp16")
+    check_precision("fp32")
+
+
+def test_mfu_arithmetic():
+    assert mfu(6e9, 1e4, 1e14) == pytest.approx(0.6)
+    assert mfu(6e9, 1e4, None) is None
