@@ -6,7 +6,8 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.gptctl-installed
 
-export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/gptctl/torch_extensions
+# DeepSpeed's JIT-built op is cached per venv under ~/.cache/gptctl/torch_extensions/
+# (orchestrator/ray_runtime.py); set TORCH_EXTENSIONS_DIR to override.
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export RAY_USAGE_STATS_ENABLED ?= 0
 

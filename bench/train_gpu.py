@@ -39,7 +39,9 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true")
     args = parser.parse_args()
 
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/gptctl/torch_extensions"))
+    from orchestrator.ray_runtime import default_extensions_dir
+
+    default_extensions_dir()
     from model import GPT, config_from_preset
     from model.config import flops_per_token
     from orchestrator.spec import TrainSpec

@@ -59,7 +59,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     args = parser.parse_args()
 
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/gptctl/torch_extensions"))
+    from orchestrator.ray_runtime import default_extensions_dir
+
+    default_extensions_dir()
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     torch.set_num_threads(args.threads)
 

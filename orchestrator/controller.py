@@ -3,13 +3,14 @@ Ray Train's TorchTrainer over DeepSpeed workers."""
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from model import GPTConfig, GPTTokenizer, config_from_preset
 from orchestrator.planning import plan_shards
 from orchestrator.ray_runtime import checkpoint_uri, ensure_ray, forwarded_env, train_storage
-from orchestrator.registry import register_checkpoint
+from orchestrator.registry import register_checkpoint, set_aliases
 from orchestrator.runs import JobRun, resolve_tracking_uri
 from orchestrator.spec import FinetuneSpec, PretrainSpec
 from workers import storage
@@ -57,9 +58,38 @@ def _load_data_manifest(data_uri: str, expected_kind: str) -> Manifest:
     return manifest
 
 
+def _materialize_init_from(spec: PretrainSpec | FinetuneSpec) -> str | None:
+    """Turn `init_from` into a gptctl checkpoint URI every worker can read.
+
+    A registry URI is downloaded; a Hugging Face directory is converted once and kept under
+    the job's run directory (the conversion is deterministic, so re-submits reuse it)."""
+    from orchestrator.export import import_hf, is_hf_checkpoint
+    from orchestrator.registry import is_registry_uri, resolve_model_uri
+
+    uri = spec.init_from
+    if not uri:
+        return None
+    if is_registry_uri(uri):
+        local = resolve_model_uri(uri, resolve_tracking_uri(spec.tracking.uri))
+        if not storage.is_s3(spec.storage_path):
+            return local
+        target = storage.join(job_run_dir(spec), "init_from")
+        storage.upload_dir(local, target)
+        return target
+    storage.check_reachable(uri)
+    if not is_hf_checkpoint(uri):
+        return uri
+    target = storage.join(job_run_dir(spec), "init_from_hf")
+    if not storage.exists(storage.join(target, "model.safetensors")):
+        with tempfile.TemporaryDirectory(prefix="gptctl-init-") as local:
+            import_hf(uri, local)
+            storage.upload_dir(local, target)
+    return target
+
+
 def _model_config(spec: PretrainSpec | FinetuneSpec, manifest: Manifest) -> tuple[GPTConfig, str | None]:
-    """Resolve the GPT config and, for fine-tuning, the parent run id from the checkpoint."""
-    if isinstance(spec, PretrainSpec):
+    """Resolve the GPT config and, when starting from a checkpoint, the parent run id."""
+    if spec.init_from is None:
         try:
             config = config_from_preset(spec.model.preset, vocab_size=manifest.vocab_size,
                                         block_size=manifest.seq_len, **spec.model.overrides())
@@ -68,6 +98,8 @@ def _model_config(spec: PretrainSpec | FinetuneSpec, manifest: Manifest) -> tupl
         if config.n_embd % config.n_head:
             raise JobInputError(f"model: n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head})")
         return config, None
+    if isinstance(spec, PretrainSpec) and "model" in spec.model_fields_set:
+        raise JobInputError("model: leave it out when init_from is set; the checkpoint's config is used")
     require_checkpoint(spec.init_from, "init_from")
     config = GPTConfig.from_dict(json.loads(storage.read_text(storage.join(spec.init_from, "config.json"))))
     checkpoint_tokenizer = GPTTokenizer.from_str(storage.read_text(storage.join(spec.init_from, "tokenizer.json")))
@@ -103,6 +135,8 @@ def prepare_job(spec: PretrainSpec | FinetuneSpec) -> PreparedJob:
     """Every check that can fail before Ray starts: data, checkpoint, storage, plan."""
     kind = "pretrain" if isinstance(spec, PretrainSpec) else "finetune"
     manifest = _load_data_manifest(spec.data, kind)
+    if spec.init_from:
+        spec = spec.model_copy(update={"init_from": _materialize_init_from(spec)})
     config, parent_run_id = _model_config(spec, manifest)
     if storage.is_s3(spec.storage_path):
         storage.check_reachable(spec.storage_path)
@@ -161,6 +195,7 @@ def run_training(prepared: PreparedJob, address: str | None = None, on_run=print
     version = None
     try:
         version = register_checkpoint(job.run_id, uri, model_name, job.tracking_uri)
+        set_aliases(tracker.client, model_name, version, state.get("val_loss"))
         tracker.client.set_tag(job.run_id, "gptctl.checkpoint", uri)
         tracker.close(job.run_id, succeeded=True)
     except Exception as error:  # noqa: BLE001 - the checkpoint is safe; tracking must not fail the job

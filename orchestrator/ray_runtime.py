@@ -17,9 +17,16 @@ FORWARDED_ENV = (
 
 
 def default_extensions_dir() -> str:
-    """DeepSpeed JIT-compiles an op on first use (~45 s); keep the result between runs."""
+    """DeepSpeed JIT-compiles an op on first use (~45 s); keep the result between runs.
+
+    One cache per Python environment: the build records the venv's include paths, so two
+    venvs sharing a cache would keep rebuilding each other's op."""
+    import hashlib
+    import sys
+
+    env_key = hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]
     return os.environ.setdefault(
-        "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "gptctl" / "torch_extensions")
+        "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "gptctl" / "torch_extensions" / env_key)
     )
 
 
@@ -28,11 +35,15 @@ def forwarded_env() -> dict[str, str]:
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None, temp_dir: str | None = None) -> None:
-    """Join `address` if given, else start an embedded single-node Ray (never a stranger's)."""
+    """Join `address` (or $RAY_ADDRESS) if given, else start an embedded single-node Ray.
+
+    Never address=None without RAY_ADDRESS: Ray would then join any cluster on the host."""
     import ray
 
     if ray.is_initialized():
         return
+    # inside a Ray job (or with RAY_ADDRESS exported) join that cluster instead of starting one
+    address = address or os.environ.get("RAY_ADDRESS") or None
     default_extensions_dir()
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")

@@ -6,8 +6,12 @@ weights stay plain safetensors: nothing in the registry is unpickled.
 """
 from __future__ import annotations
 
+import math
+import os
+import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from workers import storage
@@ -36,3 +40,185 @@ def register_checkpoint(run_id: str, checkpoint_uri: str, model_name: str, track
                 registered_model_name=model_name,
             )
     return int(info.registered_model_version)
+
+
+# --------------------------------------------------------------------------- aliases and resolution
+# Additive (issue 7): aliases `latest` / `best`, `models:/…` resolution, version listing.
+
+LATEST_ALIAS = "latest"
+BEST_ALIAS = "best"
+VAL_LOSS_TAG = "gptctl.val_loss"
+CHECKPOINT_ARTIFACT = "checkpoint"  # the pyfunc's artifact name (see register_checkpoint)
+_MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))/?$")
+
+
+class RegistryError(ValueError):
+    """A registry URI or model that cannot be resolved; the message names it and what exists."""
+
+
+def is_registry_uri(uri: str) -> bool:
+    return isinstance(uri, str) and uri.startswith("models:/")
+
+
+def parse_model_uri(uri: str) -> tuple[str, str | None, int | None]:
+    """`models:/NAME@alias` -> (NAME, alias, None); `models:/NAME/3` -> (NAME, None, 3)."""
+    match = _MODEL_URI.match(uri or "")
+    if not match:
+        raise RegistryError(f"{uri!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    version = match.group("version")
+    return match.group("name"), match.group("alias"), int(version) if version else None
+
+
+def _all_versions(client, model_name: str) -> list:
+    escaped = model_name.replace("'", "\\'")
+    versions, token = [], None
+    while True:
+        page = client.search_model_versions(f"name = '{escaped}'", max_results=1000, page_token=token)
+        versions.extend(page)
+        token = getattr(page, "token", None)
+        if not token:
+            return versions
+
+
+def _tag_loss(version) -> float | None:
+    raw = (version.tags or {}).get(VAL_LOSS_TAG)
+    try:
+        value = float(raw) if raw is not None else None
+    except ValueError:
+        return None
+    return value if value is not None and math.isfinite(value) else None
+
+
+def set_aliases(client, model_name: str, version: int | str, val_loss: float | None) -> dict[str, int]:
+    """Record `val_loss` on the version (tag gptctl.val_loss) and move the aliases.
+
+    `best` -> the version with the lowest finite val loss (the earlier version on a tie, so
+    an equal loss never moves it); a version with no (or a non-finite) val loss never becomes
+    `best`. `latest` is MLflow's own reserved alias (it refuses to set one by that name):
+    `models:/NAME@latest` always resolves to the highest version, which is what this reports
+    for it. Returns {alias: version} afterwards. Call after register_checkpoint with the
+    run's final val/loss.
+    """
+    version = int(version)
+    if val_loss is not None and math.isfinite(float(val_loss)):
+        client.set_model_version_tag(model_name, str(version), VAL_LOSS_TAG, repr(float(val_loss)))
+    versions = _all_versions(client, model_name)
+    if not versions:
+        raise RegistryError(f"registered model {model_name!r} has no versions")
+    moved = {LATEST_ALIAS: max(int(v.version) for v in versions)}
+    scored = [(loss, int(v.version)) for v in versions if (loss := _tag_loss(v)) is not None]
+    if scored:
+        moved[BEST_ALIAS] = min(scored)[1]
+    if BEST_ALIAS in moved:
+        client.set_registered_model_alias(model_name, BEST_ALIAS, str(moved[BEST_ALIAS]))
+    return moved
+
+
+@dataclass
+class VersionRow:
+    name: str
+    version: int
+    aliases: list[str]
+    val_loss: float | None
+    run_id: str | None
+    source: str
+    created: int | None  # ms since the epoch
+
+
+def list_model_versions(client, model_name: str | None = None) -> list[VersionRow]:
+    """Every version of one registered model (or all), newest first per model, with aliases and val loss."""
+    if model_name:
+        names = [client.get_registered_model(model_name).name]
+    else:
+        names = sorted(m.name for m in client.search_registered_models(max_results=1000))
+    rows: list[VersionRow] = []
+    for name in names:
+        by_version: dict[int, list[str]] = {}
+        for alias, v in (client.get_registered_model(name).aliases or {}).items():
+            by_version.setdefault(int(v), []).append(alias)
+        versions = sorted(_all_versions(client, name), key=lambda v: -int(v.version))
+        if versions:  # MLflow's built-in alias: @latest is always the highest version
+            by_version.setdefault(int(versions[0].version), []).append(LATEST_ALIAS)
+        for v in versions:
+            loss = _tag_loss(v)
+            if loss is None and v.run_id:  # registered before aliases existed: the run's metric
+                try:
+                    loss = client.get_run(v.run_id).data.metrics.get("val/loss")
+                except Exception:  # a deleted run must not break the listing
+                    loss = None
+            rows.append(VersionRow(name=name, version=int(v.version), aliases=sorted(by_version.get(int(v.version), [])),
+                                   val_loss=loss, run_id=v.run_id, source=v.source,
+                                   created=getattr(v, "creation_timestamp", None)))
+    return rows
+
+
+def _default_cache_dir() -> Path:
+    return Path(os.environ.get("GPTCTL_CACHE", Path.home() / ".cache" / "gptctl")) / "registry"
+
+
+def _has_checkpoint(directory: Path) -> bool:
+    return all((directory / name).is_file() for name in ("model.safetensors", "config.json", "tokenizer.json"))
+
+
+def resolve_model_uri(uri: str, tracking_uri: str, dst_dir: str | None = None) -> str:
+    """`models:/NAME@alias` or `models:/NAME/VERSION` -> a local checkpoint directory.
+
+    Downloads only the version's `checkpoint` artifact directory (model.safetensors,
+    config.json, tokenizer.json, trainer_state.json) into dst_dir, by default
+    ~/.cache/gptctl/registry/<name>/<version> (a version's artifacts never change, so a
+    complete cached copy is reused). Anything else (a path, s3://) is returned unchanged.
+    """
+    if not is_registry_uri(uri):
+        return uri
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    name, alias, version = parse_model_uri(uri)
+    client = MlflowClient(tracking_uri=tracking_uri)
+    try:
+        if alias is not None:
+            version = int(client.get_model_version_by_alias(name, alias).version)
+        else:
+            client.get_model_version(name, str(version))
+    except MlflowException as e:
+        known = ""
+        try:
+            aliases = client.get_registered_model(name).aliases or {}
+            known = f"; aliases: {', '.join(f'{a}->{v}' for a, v in sorted(aliases.items())) or 'none'}"
+        except MlflowException:
+            known = f"; no registered model named {name!r}"
+        raise RegistryError(f"{uri}: cannot resolve at {tracking_uri} ({e.message.splitlines()[0]}){known}") from None
+
+    dest = Path(dst_dir) if dst_dir else _default_cache_dir() / name / str(version)
+    if _has_checkpoint(dest):
+        return str(dest)
+    with tempfile.TemporaryDirectory(prefix="gptctl-resolve-") as staging:
+        base = client.get_model_version_download_uri(name, str(version)).rstrip("/")
+        candidates = [f"{base}/{CHECKPOINT_ARTIFACT}", f"{base}/artifacts/{CHECKPOINT_ARTIFACT}"]
+        found: Path | None = None
+        for i, candidate in enumerate(candidates):
+            try:
+                local = Path(mlflow.artifacts.download_artifacts(
+                    artifact_uri=candidate, dst_path=str(Path(staging, str(i))), tracking_uri=tracking_uri))
+            except (MlflowException, OSError):
+                continue
+            if _has_checkpoint(local):
+                found = local
+                break
+        if found is None:  # unknown layout: fetch the whole model and look for the directory
+            local = Path(mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{name}/{version}", dst_path=str(Path(staging, "all")), tracking_uri=tracking_uri))
+            found = next((p for p in [local / "artifacts" / CHECKPOINT_ARTIFACT, *local.rglob(CHECKPOINT_ARTIFACT)]
+                          if _has_checkpoint(p)), None)
+        if found is None:
+            raise RegistryError(f"{uri} (version {version}) has no '{CHECKPOINT_ARTIFACT}' artifact with "
+                                "model.safetensors, config.json and tokenizer.json")
+        dest.mkdir(parents=True, exist_ok=True)
+        for path in sorted(found.iterdir()):
+            if path.is_file():
+                shutil.copyfile(path, dest / f".{path.name}.part")
+        for path in sorted(found.iterdir()):  # rename after every copy: a crash leaves no half checkpoint
+            if path.is_file():
+                os.replace(dest / f".{path.name}.part", dest / path.name)
+    return str(dest)

@@ -105,6 +105,11 @@ class _JobBase(_Strict):
 class PretrainSpec(_JobBase):
     kind: Literal["pretrain"]
     data: str = Field(description="prepared shards: a dir or s3:// prefix holding manifest.json")
+    init_from: str | None = Field(
+        default=None,
+        description="continue from a gptctl checkpoint dir, Hugging Face GPT-2 dir (local or s3://) "
+        "or models:/NAME@ALIAS; its config replaces `model`",
+    )
     model: ModelSpec = ModelSpec()
     train: TrainSpec = TrainSpec()
     cluster: ClusterSpec = ClusterSpec()
@@ -113,7 +118,7 @@ class PretrainSpec(_JobBase):
 
 class FinetuneSpec(_JobBase):
     kind: Literal["finetune"]
-    init_from: str = Field(description="checkpoint dir (local or s3://) holding model.safetensors")
+    init_from: str = Field(description="gptctl checkpoint dir, Hugging Face GPT-2 dir (local or s3://) or models:/NAME@ALIAS")
     data: str = Field(description="prepared prompt/response shards with a loss mask")
     train: TrainSpec = TrainSpec(lr=1e-4, min_lr=1e-5, warmup_steps=5, weight_decay=0.0)
     cluster: ClusterSpec = ClusterSpec()
@@ -148,7 +153,133 @@ class DeploySpec(_Strict):
     api_key_file: str | None = Field(default=None, description="path of a file that holds the API key")
 
 
-JobSpec = Annotated[Union[PretrainSpec, FinetuneSpec, DeploySpec], Field(discriminator="kind")]
+# ----------------------------------------------------------------------------- pipelines
+# A pipeline runs its stages in order; each stage is a pretrain/finetune/deploy spec that may
+# consume an earlier stage's output through `${stages.<id>.<output>}` (a stage's id defaults to
+# its kind). A finetune stage without `init_from`, or a deploy stage without `checkpoint`, takes
+# the final checkpoint of the nearest earlier training stage. State lives in
+# `<storage_path>/<name>/pipeline_state.json` (see orchestrator/pipeline.py).
+
+_STAGE_ID = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+TRAINING_OUTPUTS = ("checkpoint", "best_checkpoint", "run_id", "model_name", "model_version", "model_uri", "step")
+DEPLOY_OUTPUTS = ("url", "name")
+STAGE_REFERENCE = re.compile(r"\$\{stages\.([^.}]*)\.([^}]*)\}")
+
+
+class PretrainStage(PretrainSpec):
+    id: str | None = Field(default=None, pattern=_STAGE_ID, description="stage id for ${stages.<id>.…}; default: kind")
+
+
+class FinetuneStage(FinetuneSpec):
+    id: str | None = Field(default=None, pattern=_STAGE_ID, description="stage id for ${stages.<id>.…}; default: kind")
+    init_from: str | None = Field(
+        default=None, description="checkpoint dir; default: the previous training stage's checkpoint")
+
+
+class DeployStage(DeploySpec):
+    id: str | None = Field(default=None, pattern=_STAGE_ID, description="stage id for ${stages.<id>.…}; default: kind")
+    checkpoint: str | None = Field(
+        default=None, description="checkpoint dir; default: the previous training stage's checkpoint")
+
+
+PipelineStage = Annotated[Union[PretrainStage, FinetuneStage, DeployStage], Field(discriminator="kind")]
+
+
+class SpecProblems(ValueError):
+    """Several field-level problems found by a model validator, each as (dotted path, message)."""
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        self.problems = problems
+        super().__init__("; ".join(f"{path}: {message}" for path, message in problems))
+
+
+class PipelineSpec(_Strict):
+    kind: Literal["pipeline"]
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+    storage_path: str = Field(default="./runs", description="pipeline state (<storage_path>/<name>/pipeline_state.json)"
+                                                            " and the default storage_path of its training stages")
+    tracking: TrackingSpec = Field(default=TrackingSpec(), description="default tracking of its training stages")
+    stages: list[PipelineStage] = Field(min_length=1, description="run in order; each may use earlier stages' outputs")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stage_defaults(cls, data: Any) -> Any:
+        """Training stages inherit the pipeline's storage_path and tracking unless they set their own."""
+        if not isinstance(data, dict) or not isinstance(data.get("stages"), list):
+            return data
+        stages = []
+        for stage in data["stages"]:
+            if isinstance(stage, dict) and stage.get("kind") in ("pretrain", "finetune"):
+                stage = dict(stage)
+                for key in ("storage_path", "tracking"):
+                    if key in data and key not in stage:
+                        stage[key] = data[key]
+            stages.append(stage)
+        return {**data, "stages": stages}
+
+    def stage_id(self, index: int) -> str:
+        stage = self.stages[index]
+        return stage.id or stage.kind
+
+    @model_validator(mode="after")
+    def _check_stages(self) -> "PipelineSpec":
+        problems = pipeline_problems(self.model_dump(mode="json"))
+        if problems:
+            raise SpecProblems(problems)
+        return self
+
+
+def pipeline_problems(data: Any) -> list[tuple[str, str]]:
+    """Stage ids, implicit inputs and `${stages.<id>.<output>}` references of a pipeline (raw or
+    dumped), as (dotted path, message); also run on specs that failed field validation, so
+    every wrong field is named in one pass."""
+    stages = data.get("stages") if isinstance(data, dict) else None
+    if not isinstance(stages, list):
+        return []
+    problems: list[tuple[str, str]] = []
+    seen: dict[str, str] = {}  # id -> kind of the earlier stages
+    for index, stage in enumerate(stages):
+        if not isinstance(stage, dict):
+            continue
+        kind = stage.get("kind")
+        stage_id = stage.get("id") or kind
+        if not isinstance(stage_id, str):
+            continue
+        if stage_id in seen:
+            problems.append((f"stages.{index}.id", f"duplicate stage id {stage_id!r}; give each stage a distinct id"))
+        trained_before = any(k in ("pretrain", "finetune") for k in seen.values())
+        for needs, field_name in (("finetune", "init_from"), ("deploy", "checkpoint")):
+            if kind == needs and stage.get(field_name) is None and not trained_before:
+                problems.append((f"stages.{index}.{field_name}", "required: no earlier training stage to take it from"))
+        for path, value in _string_fields(stage, f"stages.{index}"):
+            for match in STAGE_REFERENCE.finditer(value):
+                ref_id, output = match.group(1), match.group(2)
+                if ref_id not in seen:
+                    expected = ", ".join(seen) or "none (this is the first stage)"
+                    problems.append((path, f"{match.group(0)} refers to no earlier stage; expected one of: {expected}"))
+                    continue
+                outputs = DEPLOY_OUTPUTS if seen[ref_id] == "deploy" else TRAINING_OUTPUTS
+                if output not in outputs:
+                    problems.append((path, f"{match.group(0)}: a {seen[ref_id]} stage has no output {output!r}; "
+                                           f"expected one of: {', '.join(outputs)}"))
+        seen.setdefault(stage_id, str(kind))
+    return problems
+
+
+def _string_fields(data: Any, prefix: str):
+    """(dotted path, value) of every string in a dumped spec."""
+    if isinstance(data, dict):
+        for key, value in data.items():
+            yield from _string_fields(value, f"{prefix}.{key}")
+    elif isinstance(data, (list, tuple)):
+        for index, value in enumerate(data):
+            yield from _string_fields(value, f"{prefix}.{index}")
+    elif isinstance(data, str):
+        yield prefix, data
+
+
+JobSpec = Annotated[Union[PretrainSpec, FinetuneSpec, DeploySpec, PipelineSpec], Field(discriminator="kind")]
+KINDS = ("pretrain", "finetune", "deploy", "pipeline")
 
 
 class _SpecFile(BaseModel):
@@ -175,44 +306,66 @@ def interpolate_env(text: str) -> str:
 def _format_errors(source: str, error: ValidationError) -> str:
     lines = [f"{source}: invalid job spec"]
     for item in error.errors():
-        location = ".".join(str(part) for part in item["loc"][1:] if part not in ("pretrain", "finetune", "deploy"))
+        location = ".".join(str(part) for part in item["loc"][1:] if part not in KINDS)
+        problems = getattr((item.get("ctx") or {}).get("error"), "problems", None)
+        if item["type"] == "value_error" and problems:
+            lines.extend(f"  - {path}: {message}" for path, message in problems)
+            continue
         location = location or "(top level)"
         if item["type"] == "extra_forbidden":
             parent = _parent_model(item["loc"])
             expected = ", ".join(sorted(parent.model_fields)) if parent else "a known field"
             lines.append(f"  - {location}: unknown field; expected one of: {expected}")
         elif item["type"] == "union_tag_invalid" or item["type"] == "union_tag_not_found":
-            lines.append("  - kind: expected one of: pretrain, finetune, deploy")
+            if location == "(top level)":
+                lines.append(f"  - kind: expected one of: {', '.join(KINDS)}")
+            else:  # a pipeline stage
+                lines.append(f"  - {location}.kind: expected one of: pretrain, finetune, deploy")
         else:
-            lines.append(f"  - {location}: {item['msg']} (got {item.get('input')!r})")
+            lines.append(f"  - {location}: {item['msg']} (got {_short(item.get('input'))})")
     return "\n".join(lines)
+
+
+def _short(value: Any, limit: int = 200) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def _parent_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     """Walk the error location down the model tree to name the fields that were allowed."""
-    kinds = {"pretrain": PretrainSpec, "finetune": FinetuneSpec, "deploy": DeploySpec}
-    parts = list(loc[1:-1])
-    if not parts or parts[0] not in kinds:
-        return None
-    model: type[BaseModel] = kinds[parts.pop(0)]
-    for part in parts:
-        annotation = model.model_fields[part].annotation
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+    kinds = {"pretrain": PretrainSpec, "finetune": FinetuneSpec, "deploy": DeploySpec, "pipeline": PipelineSpec}
+    stage_kinds = {"pretrain": PretrainStage, "finetune": FinetuneStage, "deploy": DeployStage}
+    model: type[BaseModel] | None = None
+    in_pipeline = False
+    for part in loc[1:-1]:
+        if isinstance(part, int):  # a list index (pipeline stages)
+            continue
+        if part in kinds and (model is None or in_pipeline):
+            model = (stage_kinds if in_pipeline else kinds)[part]
+            in_pipeline = part == "pipeline"
+            continue
+        if model is None or part not in model.model_fields:
             return None
-        model = annotation
+        annotation = model.model_fields[part].annotation
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        in_pipeline = in_pipeline and part == "stages"
     return model
 
 
-def parse_spec(data: dict[str, Any], source: str = "<spec>") -> PretrainSpec | FinetuneSpec | DeploySpec:
+def parse_spec(data: dict[str, Any], source: str = "<spec>") -> PretrainSpec | FinetuneSpec | DeploySpec | PipelineSpec:
     if not isinstance(data, dict):
         raise SpecError(f"{source}: expected a YAML mapping with a 'kind' field, got {type(data).__name__}")
     try:
         return _SpecFile.model_validate({"job": data}).job
     except ValidationError as error:
-        raise SpecError(_format_errors(source, error)) from None
+        message = _format_errors(source, error)
+        if data.get("kind") == "pipeline":  # reference problems too, not only after the fields are fixed
+            extra = [f"  - {path}: {text}" for path, text in pipeline_problems(data)]
+            message = "\n".join([message, *[line for line in extra if line not in message.splitlines()]])
+        raise SpecError(message) from None
 
 
-def load_spec(path: str | Path) -> PretrainSpec | FinetuneSpec | DeploySpec:
+def load_spec(path: str | Path) -> PretrainSpec | FinetuneSpec | DeploySpec | PipelineSpec:
     """Read, interpolate and validate a spec file."""
     path = Path(path)
     if not path.is_file():
@@ -222,3 +375,42 @@ def load_spec(path: str | Path) -> PretrainSpec | FinetuneSpec | DeploySpec:
     except yaml.YAMLError as error:
         raise SpecError(f"{path}: not valid YAML: {error}") from None
     return parse_spec(data, source=str(path))
+
+
+# ----------------------------------------------------------------------------- printing
+_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
+
+
+def redact(data: Any) -> Any:
+    """A copy of a dumped spec with secrets replaced by ***: fields whose name looks like a
+    secret (the rule MLflow params use, orchestrator.runs.flatten_params) and credentials
+    embedded in URLs (scheme://user:password@host)."""
+    from orchestrator.runs import _SECRET_KEY
+
+    if isinstance(data, dict):
+        return {key: "***" if _SECRET_KEY.search(str(key)) and value not in (None, "") and not isinstance(value, dict)
+                else redact(value) for key, value in data.items()}
+    if isinstance(data, list):
+        return [redact(value) for value in data]
+    if isinstance(data, str):
+        return _URL_USERINFO.sub(lambda m: f"{m.group('scheme')}***@", data)
+    return data
+
+
+def render_spec(spec: BaseModel) -> str:
+    """The resolved spec (env interpolated, defaults filled) as YAML, secrets redacted."""
+    return yaml.safe_dump(redact(spec.model_dump(mode="json")), sort_keys=False, default_flow_style=False)
+
+
+def json_schema(kind: str | None = None) -> dict[str, Any]:
+    """JSON schema of a spec file (all kinds, or one); what `gptctl schema` prints."""
+    from pydantic import TypeAdapter
+
+    models = {"pretrain": PretrainSpec, "finetune": FinetuneSpec, "deploy": DeploySpec, "pipeline": PipelineSpec}
+    if kind is None:
+        schema = TypeAdapter(JobSpec).json_schema()
+        schema["title"] = "gptctl job spec"
+        return schema
+    if kind not in models:
+        raise SpecError(f"kind: expected one of: {', '.join(KINDS)} (got {kind!r})")
+    return models[kind].model_json_schema()

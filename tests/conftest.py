@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "gptctl" / "torch_extensions"))
+from orchestrator.ray_runtime import default_extensions_dir  # noqa: E402
+
+default_extensions_dir()  # DeepSpeed's op compiles once per venv, not once per test run
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

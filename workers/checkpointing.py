@@ -90,8 +90,11 @@ def save_checkpoint(
 
 def restore_checkpoint(directory: str | Path, engine) -> TrainerState:
     """Load engine (weights, optimizer, RNG-free) state and the trainer state written beside it."""
+    from orchestrator.export import weights_only_deepspeed_loads
+
     directory = Path(directory)
-    load_path, _ = engine.load_checkpoint(str(directory / DEEPSPEED_DIR))
+    with weights_only_deepspeed_loads():  # DeepSpeed itself would unpickle with weights_only=False
+        load_path, _ = engine.load_checkpoint(str(directory / DEEPSPEED_DIR))
     if load_path is None:
         raise FileNotFoundError(f"{directory}: no DeepSpeed state under {DEEPSPEED_DIR}/")
     return TrainerState.read(directory)

@@ -115,7 +115,7 @@ def _load_initial_model(job: WorkerJob) -> GPT:
         return GPT(GPTConfig.from_dict(job.model_config))
     with tempfile.TemporaryDirectory(prefix="gptctl-init-") as local:
         for name in ("model.safetensors", "config.json"):
-            storage.write_bytes(str(Path(local, name)), storage.read_bytes(storage.join(job.init_from, name)))
+            storage.download_file(storage.join(job.init_from, name), str(Path(local, name)))
         return load_pretrained(local)
 
 

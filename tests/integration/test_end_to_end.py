@@ -69,7 +69,7 @@ def test_resubmit_continues_from_last_checkpoint(mlflow_server, ray_cluster):
     STATE["pretrain"] = result
 
 
-def test_mlflow_run_has_params_metrics_and_model(mlflow_server):
+def test_mlflow_run_has_params_metrics_and_model(mlflow_server, tmp_path):
     client = MlflowClient(mlflow_server)
     run = client.get_run(STATE["pretrain"].run_id)
     assert run.info.status == "FINISHED"
@@ -82,6 +82,11 @@ def test_mlflow_run_has_params_metrics_and_model(mlflow_server):
     versions = client.search_model_versions("name = 'it-pretrain'")
     assert versions and {v.run_id for v in versions} == {run.info.run_id}
     newest = max(versions, key=lambda v: int(v.version))
+    assert client.get_model_version_by_alias("it-pretrain", "best").version in {v.version for v in versions}
+    from orchestrator.registry import resolve_model_uri
+
+    resolved = Path(resolve_model_uri("models:/it-pretrain@best", mlflow_server, dst_dir=str(tmp_path / "best")))
+    assert (resolved / "model.safetensors").is_file()
     local = Path(mlflow.artifacts.download_artifacts(f"models:/it-pretrain/{newest.version}", tracking_uri=mlflow_server))
     registered = local / "artifacts" / "checkpoint"
     assert not list(local.rglob("*.pkl")), "nothing pickled in the registry"
@@ -122,6 +127,7 @@ def test_deploy_and_generate_over_http(ray_cluster):
     spec = parse_spec({"kind": "deploy", "name": "it", "checkpoint": STATE["finetune"].checkpoint,
                        "port": free_port(), "cpus_per_replica": 0.5})
     url = deploy(spec)
+    STATE["url"] = url
     assert httpx.get(f"{url}/healthz", timeout=10).json()["status"] == "ok"
     reply = query(url, "Where does somebody live?", max_tokens=8, temperature=0.0)
     assert isinstance(reply["text"], str) and 1 <= reply["completion_tokens"] <= 8
@@ -134,3 +140,16 @@ def test_deploy_and_generate_over_http(ray_cluster):
     too_long = httpx.post(f"{url}/generate", json={"prompt": "word " * 500, "use_template": False}, timeout=10)
     assert too_long.status_code == 400 and "context" in too_long.text
     assert httpx.get(f"{url}/healthz", timeout=10).status_code == 200, "bad requests don't take the replica down"
+
+
+def test_cli_generate_queries_the_endpoint(capsys):
+    from orchestrator.cli import main
+
+    url = STATE.get("url")
+    assert url, "needs the deployment above"
+    assert main(["generate", "Where does somebody live?", "--url", url, "--max-tokens", "6",
+                 "--temperature", "0", "--json"]) == 0
+    import json
+
+    reply = json.loads(capsys.readouterr().out)
+    assert 1 <= reply["completion_tokens"] <= 6 and isinstance(reply["text"], str)

@@ -1,0 +1,193 @@
+"""Consolidating DeepSpeed checkpoints of every ZeRO stage into model.safetensors.
+
+One process group for the whole module (single process, gloo); each test builds its engine
+exactly as training does (workers.engine.build_engine) and saves exactly as training does
+(workers.checkpointing.save_checkpoint).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+from interop_testutil import Payload, make_tokenizer, tensors_equal, tiny_config
+from safetensors.torch import load_file
+
+from model import GPT, load_pretrained
+from model.hf import UnsafeCheckpointError
+from orchestrator import cli_interop
+from orchestrator.export import ConsolidationError, consolidate_deepspeed, deepspeed_zero_stage, export_hf
+from orchestrator.spec import TrainSpec
+from workers.checkpointing import TrainerState, save_checkpoint
+from workers.engine import build_engine
+
+pytest.importorskip("deepspeed")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def process_group():
+    """RANK/WORLD_SIZE/MASTER_* for one process; the group is created by the first engine.
+
+    DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op (deepspeed_shm_comm,
+    45-70 s on 2 cores whenever the torch_extensions cache is cold or was rebuilt for another
+    venv). With one rank there is nothing to reduce, so the op is skipped: gloo does the
+    (no-op) collectives and the engine, optimizer and checkpoint code are exactly training's.
+    """
+    import importlib
+
+    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")  # `import … as` yields torch itself
+    patch = pytest.MonkeyPatch()
+    patch.setattr(ds_torch_comm, "build_shm_op", lambda: None)
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(_free_port()),
+           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
+                                                  str(Path.home() / ".cache" / "gptctl" / "torch_extensions"))}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    patch.undo()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer()
+
+
+def _train_and_save(directory: Path, tokenizer, stage: int, precision: str = "fp32"):
+    """Two optimizer steps, then a checkpoint written the way workers/train_loop writes it."""
+    config = tiny_config(tokenizer)
+    torch.manual_seed(stage)
+    engine, _ = build_engine(GPT(config), TrainSpec(zero_stage=stage, micro_batch_size=2, lr=1e-2,
+                                                    warmup_steps=0, precision=precision))
+    for _ in range(2):
+        idx = torch.randint(0, tokenizer.vocab_size, (2, 16))
+        _, loss = engine(idx, idx)
+        engine.backward(loss)
+        engine.step()
+    save_checkpoint(directory, engine, zero_stage=stage, model_config=config, tokenizer=tokenizer,
+                    state=TrainerState(job_name="t", kind="pretrain", step=2), is_rank_zero=True)
+    weights = engine._zero3_consolidated_16bit_state_dict() if stage == 3 else engine.module.state_dict()
+    return {k: v.detach().clone() for k, v in weights.items() if k != "lm_head.weight"}
+
+
+@pytest.fixture(scope="module")
+def stage2_checkpoint(tmp_path_factory, tokenizer):
+    directory = tmp_path_factory.mktemp("zero2")
+    _train_and_save(directory, tokenizer, 2)
+    return directory
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_consolidate_every_zero_stage(tmp_path, tokenizer, stage):
+    expected = _train_and_save(tmp_path / "ckpt", tokenizer, stage)
+    tag_dir = next((tmp_path / "ckpt" / "deepspeed").glob("step_*"))
+    assert deepspeed_zero_stage(tag_dir) == stage
+    out = consolidate_deepspeed(str(tmp_path / "ckpt"), str(tmp_path / "out"))
+    got = load_file(str(out))
+    assert got.keys() == expected.keys()
+    for key, tensor in expected.items():
+        assert got[key].dtype == torch.float32
+        assert torch.equal(got[key], tensor.float()), key
+    # and it is what the training loop's own consolidated file holds
+    assert tensors_equal(out, tmp_path / "ckpt" / "model.safetensors")
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_consolidate_bf16_gives_fp32_masters(tmp_path, tokenizer, stage):
+    expected = _train_and_save(tmp_path / "ckpt", tokenizer, stage, precision="bf16")
+    got = load_file(str(consolidate_deepspeed(str(tmp_path / "ckpt"), str(tmp_path / "out"))))
+    for key, tensor in expected.items():
+        assert tensor.dtype == torch.bfloat16 and got[key].dtype == torch.float32
+        assert torch.equal(got[key].to(torch.bfloat16), tensor), key
+
+
+def test_export_hf_from_deepspeed_only_checkpoint(tmp_path, stage2_checkpoint):
+    """No model.safetensors yet: export consolidates the engine state first."""
+    source = tmp_path / "src"
+    shutil.copytree(stage2_checkpoint, source)
+    (source / "model.safetensors").unlink()
+    export_hf(str(source), str(tmp_path / "hf"))
+    assert (tmp_path / "hf" / "config.json").is_file()
+
+
+def test_cli_export_safetensors(tmp_path, stage2_checkpoint):
+    parser = argparse.ArgumentParser(prog="gptctl")
+    cli_interop.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["export", str(stage2_checkpoint), "--format", "safetensors", "--out", str(tmp_path)])
+    assert args.handler(args) == 0
+    assert tensors_equal(tmp_path / "model.safetensors", stage2_checkpoint / "model.safetensors")
+    load_pretrained(tmp_path)  # config.json and tokenizer.json were copied beside it
+
+
+def test_consolidate_from_s3(s3_endpoint, tmp_path, stage2_checkpoint):
+    from workers import storage
+
+    storage.ensure_bucket("s3://interop-ds")
+    storage.upload_dir(str(stage2_checkpoint), "s3://interop-ds/ckpt")
+    out = consolidate_deepspeed("s3://interop-ds/ckpt", str(tmp_path))
+    assert tensors_equal(out, stage2_checkpoint / "model.safetensors")
+
+
+def test_pickle_payload_in_optimizer_state_is_refused(tmp_path, stage2_checkpoint):
+    source = tmp_path / "src"
+    shutil.copytree(stage2_checkpoint, source)
+    optim = next(source.glob("deepspeed/step_*/*optim_states.pt"))
+    marker = tmp_path / "PWNED"
+    torch.save({"optimizer_state_dict": Payload(marker)}, optim)
+    with pytest.raises(UnsafeCheckpointError, match="weights_only=True"):
+        consolidate_deepspeed(str(source), str(tmp_path / "out"))
+    assert not marker.exists(), "the pickle payload ran"
+
+
+def test_not_a_deepspeed_checkpoint(tmp_path):
+    with pytest.raises(ConsolidationError, match="latest"):
+        consolidate_deepspeed(str(tmp_path), str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_resume_reads_engine_state_with_weights_only(tmp_path, tokenizer, stage):
+    """engine.load_checkpoint (what workers/checkpointing.restore_checkpoint calls to resume) works
+    inside weights_only_deepspeed_loads for every stage, and restores the saved weights."""
+    from orchestrator.export import weights_only_deepspeed_loads
+
+    saved = _train_and_save(tmp_path, tokenizer, stage)
+    torch.manual_seed(100 + stage)
+    engine, _ = build_engine(GPT(tiny_config(tokenizer)), TrainSpec(zero_stage=stage, micro_batch_size=2))
+    with weights_only_deepspeed_loads():
+        load_path, _ = engine.load_checkpoint(str(tmp_path / "deepspeed"))
+    assert load_path is not None
+    restored = engine._zero3_consolidated_16bit_state_dict() if stage == 3 else engine.module.state_dict()
+    for key, tensor in saved.items():
+        assert torch.equal(restored[key], tensor), key
+
+
+def test_resume_refuses_a_pickle_payload(tmp_path, stage2_checkpoint):
+    from orchestrator.export import weights_only_deepspeed_loads
+
+    source = tmp_path / "src"
+    shutil.copytree(stage2_checkpoint, source)
+    marker = tmp_path / "PWNED"
+    torch.save({"module": Payload(marker)}, next(source.glob("deepspeed/step_*/mp_rank_00_model_states.pt")))
+    engine, _ = build_engine(GPT(tiny_config(make_tokenizer())), TrainSpec(zero_stage=2, micro_batch_size=2))
+    with pytest.raises(UnsafeCheckpointError), weights_only_deepspeed_loads():
+        engine.load_checkpoint(str(source / "deepspeed"))
+    assert not marker.exists()
