@@ -69,7 +69,7 @@ def main() -> None:
     from orchestrator.data.corpus import write_demo_corpus
     from orchestrator.data.prepare import prepare_dataset
     from orchestrator.spec import parse_spec
-    from workers.data import train_batches
+    from workers.data import train_batches_global
     from workers.engine import ensure_single_process_env
     from workers.train_loop import LocalHooks, run_worker
 
@@ -106,7 +106,7 @@ def main() -> None:
     worker_rate = _tokens_per_s_from_mlflow(tracking, job.run_id, args.warmup)
 
     # (a) the bare loop on the same batches, pre-loaded
-    stream = train_batches(data, job.train_shards[0], args.batch, 0)
+    stream = train_batches_global(data, 0, 1, args.batch, 0)
     batches = [next(stream) for _ in range(min(args.steps, 20))]
     bare_rate = bare_loop(model_config, batches, args.steps, 1e-3, args.warmup)
 

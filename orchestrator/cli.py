@@ -26,6 +26,10 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     prepare.add_argument("--val-fraction", type=float, default=0.05)
     prepare.add_argument("--val-inputs", nargs="+", help="files that form the validation split (a held-out task set)")
     prepare.add_argument("--rows-per-shard", type=int, default=4096)
+    prepare.add_argument("--rows-per-member", type=int, default=256, help="rows per tar member (the unit read and shuffled)")
+    prepare.add_argument("--engine", choices=("local", "ray"), default="local",
+                         help="tokenize in this process (local) or with Ray Data across the cluster (ray)")
+    prepare.add_argument("--address", help="Ray address for --engine ray; default: the embedded local Ray")
     prepare.add_argument("--seed", type=int, default=0)
     prepare.add_argument("--no-progress", action="store_true")
     prepare.set_defaults(handler=_cmd_data)
@@ -81,8 +85,9 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
     manifest = prepare_dataset(
         args.inputs, args.out, vocab_size=args.vocab_size, seq_len=args.seq_len, tokenizer=args.tokenizer,
-        val_fraction=args.val_fraction, rows_per_shard=args.rows_per_shard, seed=args.seed,
-        progress=not args.no_progress, val_inputs=args.val_inputs,
+        val_fraction=args.val_fraction, rows_per_shard=args.rows_per_shard, rows_per_member=args.rows_per_member,
+        seed=args.seed, progress=not args.no_progress, val_inputs=args.val_inputs,
+        engine=args.engine, ray_address=args.address,
     )
     splits = ", ".join(f"{name}: {len(shards)} shards / {manifest.total_rows(name)} rows"
                        for name, shards in manifest.splits.items())

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from model import GPTConfig, GPTTokenizer, config_from_preset
-from orchestrator.planning import plan_shards
 from orchestrator.ray_runtime import checkpoint_uri, ensure_ray, forwarded_env, train_storage
 from orchestrator.registry import register_checkpoint, set_aliases
 from orchestrator.runs import JobRun, resolve_tracking_uri
@@ -140,15 +139,19 @@ def prepare_job(spec: PretrainSpec | FinetuneSpec) -> PreparedJob:
     config, parent_run_id = _model_config(spec, manifest)
     if storage.is_s3(spec.storage_path):
         storage.check_reachable(spec.storage_path)
-    plan = plan_shards(manifest, spec.cluster.num_workers, spec.data)
+    if spec.debug.trace_samples and storage.is_s3(spec.storage_path):
+        raise JobInputError("debug.trace_samples: needs a local storage_path")
+    if manifest.total_rows("train") == 0:
+        raise JobInputError(f"data: {spec.data} has no train rows")
     run_dir = job_run_dir(spec)
     job = WorkerJob(
         job_name=spec.name, kind=kind, data_uri=spec.data, train=spec.train.model_dump(),
-        model_config=config.to_dict(), train_shards=plan.train, val_shards=plan.val,
+        model_config=config.to_dict(), val_shards=manifest.shard_names("val"),
         tracking_uri=resolve_tracking_uri(spec.tracking.uri), parent_run_id=parent_run_id,
         init_from=getattr(spec, "init_from", None),
         extra={"env": forwarded_env(), "debug": spec.debug.model_dump(),
-               "fault_marker": storage.join(run_dir, ".fault_injected"), "best_uri": storage.join(run_dir, "best")},
+               "fault_marker": storage.join(run_dir, ".fault_injected"), "best_uri": storage.join(run_dir, "best"),
+               "trace_dir": storage.join(run_dir, "sample_trace") if spec.debug.trace_samples else None},
     )
     return PreparedJob(spec=spec, worker_job=job, manifest=manifest)
 

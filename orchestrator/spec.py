@@ -58,6 +58,11 @@ class TrainSpec(_Strict):
     keep_last: int = Field(default=3, ge=1, description="checkpoints kept besides the best (by val loss)")
     samples_at_eval: int = Field(default=2, ge=0, description="generated samples logged to MLflow per eval")
     seed: int = 0
+    on_corrupt: Literal["raise", "skip"] = Field(
+        default="raise", description="a shard failing its sha256/row check: stop the job, or skip it (counted in data/*)")
+    data_interleave: int = Field(
+        default=16, ge=1, description="shards interleaved per window of the global data order; "
+                                      "a multiple of cluster.num_workers means no shard is read by two ranks")
 
     @model_validator(mode="after")
     def _lr_order(self) -> "TrainSpec":
@@ -94,6 +99,8 @@ class DebugSpec(_Strict):
     fail_at_step: int | None = Field(default=None, ge=1, description="a worker exits once after this step")
     fail_rank: int = Field(default=0, ge=0)
     step_delay_s: float = Field(default=0.0, ge=0, le=60, description="sleep after each step (to widen test windows)")
+    trace_samples: bool = Field(default=False, description="record each rank's sample ids under <run dir>/sample_trace/ "
+                                "(local storage only)")
 
 
 class _JobBase(_Strict):

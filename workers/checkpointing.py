@@ -12,6 +12,7 @@ ranks' directories into one checkpoint in storage (file names never collide).
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +21,8 @@ from typing import Any
 import torch
 
 from model import GPTConfig, GPTTokenizer, save_pretrained
+
+log = logging.getLogger(__name__)
 
 DEEPSPEED_DIR = "deepspeed"
 TRAINER_STATE = "trainer_state.json"
@@ -88,13 +91,28 @@ def save_checkpoint(
         os.replace(tmp, directory / TRAINER_STATE)
 
 
-def restore_checkpoint(directory: str | Path, engine) -> TrainerState:
-    """Load engine (weights, optimizer, RNG-free) state and the trainer state written beside it."""
+def restore_checkpoint(directory: str | Path, engine, zero_stage: int, world_size: int) -> TrainerState:
+    """Load engine state (weights, optimizer) and the trainer state written beside it.
+
+    ZeRO 1-2 optimizer state is partitioned by data-parallel rank: with a different number of
+    workers only the weights are restored (DeepSpeed refreshes its fp32 copies from them) and
+    Adam's moments start afresh. ZeRO-3 weights are partitioned too, so it needs the same count.
+    """
     from orchestrator.export import weights_only_deepspeed_loads
 
     directory = Path(directory)
+    state = TrainerState.read(directory)
+    resharded = state.world_size != world_size and zero_stage in (1, 2)
+    if state.world_size != world_size and zero_stage == 3:
+        raise RuntimeError(
+            f"{directory}: a ZeRO-3 checkpoint written by {state.world_size} workers cannot resume on "
+            f"{world_size}; resume with cluster.num_workers={state.world_size}"
+        )
+    if resharded:
+        log.warning("resuming a ZeRO-%d checkpoint of %d workers on %d: weights restored, "
+                    "optimizer moments restart", zero_stage, state.world_size, world_size)
     with weights_only_deepspeed_loads():  # DeepSpeed itself would unpickle with weights_only=False
-        load_path, _ = engine.load_checkpoint(str(directory / DEEPSPEED_DIR))
+        load_path, _ = engine.load_checkpoint(str(directory / DEEPSPEED_DIR), load_module_only=resharded)
     if load_path is None:
         raise FileNotFoundError(f"{directory}: no DeepSpeed state under {DEEPSPEED_DIR}/")
-    return TrainerState.read(directory)
+    return state

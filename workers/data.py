@@ -1,83 +1,124 @@
-"""Per-worker data loader: stream this rank's shards with WebDataset, yield fixed-size batches.
+"""Worker data loaders: stream shards, yield fixed-size batches, in a background thread.
 
-The controller decides which rank reads which shards, so WebDataset's node/worker splitters
-are off here. Order is a pure function of (shard list, seed, epoch), which is what makes a
-resumed run continue exactly where it stopped: ``train_batches(..., start_batch=k)`` is the
-tail of the ``start_batch=0`` stream.
+Two training loaders:
+
+* :func:`train_batches_global` (``workers.data_global``): one global order of all train rows
+  per epoch, rank r of W taking every W-th row; its position (global samples consumed)
+  survives a change of world size. What a training loop should use.
+* :func:`train_batches`: the per-rank stream over controller-planned shards. Order is a pure
+  function of (shard list, seed, epoch); ``train_batches(..., start_batch=k)`` is the tail of
+  the ``start_batch=0`` stream, which resumes exactly only with the same shard plan.
+
+Both decode and batch in a background thread (``workers.data_prefetch``) with the same
+deterministic order, give every batch the sample ids of its rows (``workers.data_rows``), and
+verify every shard against the manifest's sha256 while streaming (``workers.data_stream``):
+``on_corrupt="raise"`` (default) raises :class:`CorruptShardError` naming the shard, byte
+offset and member; ``on_corrupt="skip"`` counts the shard in ``stats`` (a
+:class:`DataStats`, also reachable as ``loader.stats``), logs a warning and goes on.
 """
 
 from __future__ import annotations
 
-import io
+import contextlib
 import itertools
-import zlib
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 
 import numpy as np
-import torch
-import webdataset as wds
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from workers import storage
-from workers.shards import MASK_FIELD, TOKENS_FIELD, Manifest, load_manifest
+from workers.data_global import (
+    DEFAULT_INTERLEAVE,
+    ORDER_SCHEME,
+    DataPositionError,
+    GlobalOrder,
+    data_position,
+    samples_consumed,
+    start_sample_from,
+    train_batches_global,
+)
+from workers.data_prefetch import Prefetcher
+from workers.data_rows import Batch, Rows, epoch_seed, locate_sample, member_order, rebatch, split_offsets, to_batch
+from workers.data_stream import ON_CORRUPT, CorruptShardError, DataStats, ShardStream
+from workers.shards import Manifest, load_manifest
 
-__all__ = ["Batch", "iter_rows", "train_batches", "eval_batches", "epoch_seed", "batches_per_epoch"]
+__all__ = [
+    "Batch",
+    "CorruptShardError",
+    "DataStats",
+    "DataPositionError",
+    "GlobalOrder",
+    "ORDER_SCHEME",
+    "DEFAULT_INTERLEAVE",
+    "iter_rows",
+    "train_batches",
+    "train_batches_global",
+    "eval_batches",
+    "epoch_seed",
+    "batches_per_epoch",
+    "samples_consumed",
+    "data_position",
+    "start_sample_from",
+    "split_offsets",
+    "locate_sample",
+    "read_sample",
+]
 
-
-@dataclass
-class Batch:
-    """``input_ids = rows[:, :-1]``, ``targets = rows[:, 1:]``, ``loss_mask = mask[:, 1:]`` (fine-tuning)."""
-
-    input_ids: torch.Tensor  # int64 [B, T]
-    targets: torch.Tensor  # int64 [B, T]
-    loss_mask: torch.Tensor | None = None  # float32 [B, T]; None for pre-training
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
-        """Move every tensor to ``device``."""
-        mask = None if self.loss_mask is None else self.loss_mask.to(device, non_blocking=non_blocking)
-        return Batch(
-            self.input_ids.to(device, non_blocking=non_blocking),
-            self.targets.to(device, non_blocking=non_blocking),
-            mask,
-        )
-
-    def __len__(self) -> int:
-        return self.input_ids.shape[0]
-
-    @classmethod
-    def from_rows(cls, tokens: np.ndarray, mask: np.ndarray | None = None) -> "Batch":
-        """Build from ``[B, T+1]`` token rows (and their ``[B, T+1]`` mask)."""
-        rows = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64))
-        loss_mask = None
-        if mask is not None:
-            loss_mask = torch.from_numpy(np.ascontiguousarray(mask[:, 1:], dtype=np.float32))
-        return cls(rows[:, :-1].contiguous(), rows[:, 1:].contiguous(), loss_mask)
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    """The row-shuffle seed of one epoch (a 63-bit int derived from (seed, epoch))."""
-    return int(np.random.SeedSequence([seed, epoch]).generate_state(2, np.uint32).view(np.uint64)[0] >> 1)
+DEFAULT_PREFETCH = 16  # batches
 
 
-def _load_npy(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
+def _check_on_corrupt(on_corrupt: str) -> None:
+    if on_corrupt not in ON_CORRUPT:
+        raise ValueError(f"on_corrupt must be one of {ON_CORRUPT}, got {on_corrupt!r}")
 
 
-def _shard_url(data_uri: str, name: str) -> str:
-    return storage.join(data_uri, name)
+def shard_chunks(
+    data_uri: str,
+    manifest: Manifest,
+    shard_names: list[str],
+    epoch_seed: int | None,
+    *,
+    on_corrupt: str = "raise",
+    stats: DataStats | None = None,
+) -> Iterator[Rows]:
+    """One :class:`Rows` chunk per member of each shard, in the order given.
 
-
-def _shard_samples(url: str) -> Iterator[dict]:
-    """WebDataset samples of one shard, read with webdataset's tar expander and key grouper.
-
-    No node/worker splitting (the controller assigned the shards). The stream is opened here,
-    not by ``wds.WebDataset``, so it is closed as soon as the shard is done or the iterator
-    is dropped (webdataset leaves that to the garbage collector).
+    Rows within a member are permuted by :func:`member_order` (``epoch_seed=None`` keeps the
+    stored order). A corrupt shard raises, or with ``on_corrupt="skip"`` its remaining rows
+    are dropped (counted in ``stats``).
     """
-    storage.register_webdataset_s3()
-    with wds.gopen(url, "rb") as stream:
-        yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
+    stats = stats if stats is not None else DataStats()
+    row_len, has_mask = manifest.seq_len + 1, manifest.has_mask
+    offsets = {}
+    for split in manifest.splits:
+        offsets.update(split_offsets(manifest, split))
+    for name in shard_names:
+        try:
+            info = manifest.shard(name)
+        except KeyError as exc:
+            raise ValueError(f"{data_uri}: {exc.args[0]}") from None
+        delivered = 0
+        stream = ShardStream(data_uri, info, row_len=row_len, dtype=manifest.dtype, has_mask=has_mask, stats=stats)
+        try:
+            while True:
+                member = stream.next_member()
+                if member is None:
+                    break
+                if epoch_seed is None:
+                    order = np.arange(member.rows)
+                    tokens, mask = member.tokens, member.mask
+                else:
+                    order = member_order(epoch_seed, name, member.key, member.rows)
+                    tokens = member.tokens[order]
+                    mask = None if member.mask is None else member.mask[order]
+                ids = order.astype(np.int64) + (offsets[name] + member.row_start)
+                delivered += member.rows
+                yield Rows(tokens, mask, ids)
+            stream.finish()
+        except CorruptShardError as exc:
+            if on_corrupt == "raise":
+                raise
+            stats.record_corrupt(exc, rows_skipped=max(info.rows - delivered, 0))
+        finally:
+            stream.close()
 
 
 def iter_rows(
@@ -89,29 +130,10 @@ def iter_rows(
     so a member's order does not depend on where its shard sits in the list.
     ``epoch_seed=None`` keeps the stored order.
     """
-    for name in shard_names:
-        for sample in _shard_samples(_shard_url(data_uri, name)):
-            if TOKENS_FIELD not in sample:
-                raise ValueError(f"{data_uri}/{name}: member {sample.get('__key__')!r} has no {TOKENS_FIELD}")
-            tokens = _load_npy(sample[TOKENS_FIELD])
-            mask = _load_npy(sample[MASK_FIELD]) if MASK_FIELD in sample else None
-            order: Iterable[int] = range(len(tokens))
-            if epoch_seed is not None:
-                member = zlib.crc32(str(sample["__key__"]).encode())
-                rng = np.random.default_rng([epoch_seed, zlib.crc32(name.encode()), member])
-                order = rng.permutation(len(tokens))
-            for i in order:
-                yield tokens[i], (None if mask is None else mask[i])
-
-def _batched(rows: Iterable[tuple[np.ndarray, np.ndarray | None]], batch_size: int, drop_last: bool) -> Iterator[Batch]:
-    it = iter(rows)
-    while True:
-        chunk = list(itertools.islice(it, batch_size))
-        if not chunk or (drop_last and len(chunk) < batch_size):
-            return
-        tokens = np.stack([t for t, _ in chunk])
-        mask = None if chunk[0][1] is None else np.stack([m for _, m in chunk])
-        yield Batch.from_rows(tokens, mask)
+    manifest = load_manifest(data_uri)
+    for chunk in shard_chunks(data_uri, manifest, list(shard_names), epoch_seed):
+        for i in range(len(chunk)):
+            yield chunk.tokens[i], (None if chunk.mask is None else chunk.mask[i])
 
 
 def _shard_rows(manifest: Manifest, data_uri: str, shard_names: list[str]) -> list[int]:
@@ -127,27 +149,23 @@ def batches_per_epoch(data_uri: str, shard_names: list[str], batch_size: int, ma
     return sum(rows) // batch_size
 
 
-def train_batches(
-    data_uri: str, shard_names: list[str], batch_size: int, seed: int, start_batch: int = 0
-) -> Iterator[Batch]:
-    """Endless training batches over ``shard_names``; epoch ``e`` permutes shards with rng(seed, e).
+def _window(chunks: Iterator[Rows], skip: int, take: int) -> Iterator[Rows]:
+    """Rows ``[skip, skip + take)`` of a chunk stream, as chunks."""
+    for chunk in chunks:
+        if take <= 0:
+            return
+        n = len(chunk)
+        if skip >= n:
+            skip -= n
+            continue
+        piece = chunk.slice(skip, min(n, skip + take)) if skip or n > take else chunk
+        skip = 0
+        take -= len(piece)
+        yield piece
 
-    Rows are shuffled within members with :func:`epoch_seed`; the last incomplete batch of each
-    epoch is dropped, so every epoch has ``sum(rows) // batch_size`` batches.
-    ``start_batch=k`` skips k batches: whole epochs and whole shards are skipped from the
-    manifest's row counts without reading them, then the remainder row by row.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if start_batch < 0:
-        raise ValueError(f"start_batch must be >= 0, got {start_batch}")
-    shard_names = list(shard_names)
-    rows = _shard_rows(load_manifest(data_uri), data_uri, shard_names)
+
+def _train_chunks(data_uri, manifest, shard_names, rows, batch_size, seed, start_batch, on_corrupt, stats):
     per_epoch = sum(rows) // batch_size
-    if per_epoch == 0:
-        raise ValueError(
-            f"{data_uri}: shards {shard_names} hold {sum(rows)} rows, fewer than one batch of {batch_size}"
-        )
     epoch, skip_rows = divmod(start_batch, per_epoch)
     skip_rows *= batch_size
     while True:
@@ -158,15 +176,65 @@ def train_batches(
         while first < len(names) and rows[order[first]] <= skip_rows:
             skip_rows -= rows[order[first]]
             first += 1
-        stream = iter_rows(data_uri, names[first:], epoch_seed(seed, epoch))
-        stream = itertools.islice(stream, skip_rows, None)
         remaining = per_epoch * batch_size - sum(rows[i] for i in order[:first]) - skip_rows
-        yield from _batched(itertools.islice(stream, remaining), batch_size, drop_last=True)
+        chunks = shard_chunks(data_uri, manifest, names[first:], epoch_seed(seed, epoch), on_corrupt=on_corrupt, stats=stats)
+        with contextlib.closing(chunks):
+            # the epoch's rows, cut to whole batches; a batch never spans two epochs
+            yield from rebatch(_window(chunks, skip_rows, remaining), batch_size, drop_last=True)
         skip_rows = 0
         epoch += 1
 
 
-def eval_batches(data_uri: str, shard_names: list[str], batch_size: int, max_batches: int | None) -> list[Batch]:
+def train_batches(
+    data_uri: str,
+    shard_names: list[str],
+    batch_size: int,
+    seed: int,
+    start_batch: int = 0,
+    *,
+    on_corrupt: str = "raise",
+    stats: DataStats | None = None,
+    prefetch: int = DEFAULT_PREFETCH,
+) -> Iterator[Batch]:
+    """Endless training batches over ``shard_names``; epoch ``e`` permutes shards with rng(seed, e).
+
+    Rows are shuffled within members with :func:`epoch_seed`; the last incomplete batch of each
+    epoch is dropped, so every epoch has ``sum(rows) // batch_size`` batches.
+    ``start_batch=k`` skips k batches: whole epochs and whole shards are skipped from the
+    manifest's row counts without reading them, then the remainder of the first shard is read
+    and dropped. Batches are produced up to ``prefetch`` ahead in a background thread; the
+    returned iterator has ``.stats`` (:class:`DataStats`) and ``.close()``.
+    With ``on_corrupt="skip"`` a corrupt shard's remaining rows are dropped, so that epoch is
+    shorter and ``start_batch`` no longer lands on the same rows: prefer the global loader.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if start_batch < 0:
+        raise ValueError(f"start_batch must be >= 0, got {start_batch}")
+    _check_on_corrupt(on_corrupt)
+    shard_names = list(shard_names)
+    manifest = load_manifest(data_uri)
+    rows = _shard_rows(manifest, data_uri, shard_names)
+    if sum(rows) // batch_size == 0:
+        raise ValueError(
+            f"{data_uri}: shards {shard_names} hold {sum(rows)} rows, fewer than one batch of {batch_size}"
+        )
+    stats = stats if stats is not None else DataStats()
+    source = _train_chunks(data_uri, manifest, shard_names, rows, batch_size, seed, start_batch, on_corrupt, stats)
+    loader: Prefetcher[Batch] = Prefetcher(source, depth=prefetch, name="gptctl-train-batches", finalize=to_batch)
+    loader.stats = stats  # type: ignore[attr-defined]
+    return loader
+
+
+def eval_batches(
+    data_uri: str,
+    shard_names: list[str],
+    batch_size: int,
+    max_batches: int | None,
+    *,
+    on_corrupt: str = "raise",
+    stats: DataStats | None = None,
+) -> list[Batch]:
     """Deterministic, finite evaluation batches: shards in the order given, rows in stored order.
 
     The last batch may be smaller than ``batch_size`` (so a small val split is still used);
@@ -174,5 +242,21 @@ def eval_batches(data_uri: str, shard_names: list[str], batch_size: int, max_bat
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    batches = _batched(iter_rows(data_uri, list(shard_names), None), batch_size, drop_last=False)
-    return list(itertools.islice(batches, max_batches))
+    _check_on_corrupt(on_corrupt)
+    manifest = load_manifest(data_uri)
+    chunks = shard_chunks(data_uri, manifest, list(shard_names), None, on_corrupt=on_corrupt, stats=stats)
+    with contextlib.closing(chunks):
+        return [to_batch(b) for b in itertools.islice(rebatch(chunks, batch_size, drop_last=False), max_batches)]
+
+
+def read_sample(data_uri: str, split: str, sample_id: int, manifest: Manifest | None = None) -> np.ndarray:
+    """The stored ``[seq_len+1]`` token row of one sample id (reads its shard up to the row)."""
+    manifest = manifest or load_manifest(data_uri)
+    name, _, _ = locate_sample(manifest, split, sample_id)
+    offset = split_offsets(manifest, split)[name]
+    with contextlib.closing(shard_chunks(data_uri, manifest, [name], None)) as chunks:
+        for chunk in chunks:
+            hit = np.flatnonzero(chunk.ids == sample_id)
+            if len(hit):
+                return np.array(chunk.tokens[hit[0]])
+    raise ValueError(f"{data_uri}: sample {sample_id} (shard {name}, offset {offset}) not found")

@@ -12,6 +12,12 @@ whole split) holds many rows, since a tar header per 129-token row costs ~10x th
 * ``tokens.npy``: ``[rows, seq_len + 1]``, uint16 if ``vocab_size <= 65535`` else uint32;
 * ``mask.npy`` (fine-tuning only): uint8, same shape, 1 where the token is a response token
   (or the closing eos) the model should learn to predict, 0 for prompt and padding.
+
+Every member of a shard holds ``rows_per_member`` rows except the shard's last one, which
+holds the rest (``ShardWriter`` guarantees it; ``workers.data_rows.locate_sample`` relies on
+it). A row's **sample id** is its stored-order offset in its split: rows of the shards before
+it in the manifest's split list + rows before it in its shard (see ``workers.data_rows``).
+Readers verify each shard's ``sha256`` and ``rows`` while streaming (``workers.data_stream``).
 """
 
 from __future__ import annotations

@@ -11,15 +11,29 @@ from __future__ import annotations
 
 import functools
 import importlib
+import logging
 import os
 import shutil
+import threading
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
 import boto3
+import urllib3.exceptions
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionClosedError,
+    IncompleteReadError,
+    NoCredentialsError,
+    ReadTimeoutError,
+    ResponseStreamingError,
+)
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "StorageError",
@@ -39,6 +53,9 @@ __all__ = [
     "download_dir",
     "delete",
     "open_read",
+    "open_stream",
+    "ResumableS3Reader",
+    "StreamCounters",
     "check_reachable",
     "ensure_bucket",
     "register_webdataset_s3",
@@ -106,6 +123,9 @@ def _endpoint_config() -> dict:
     return {}
 
 
+S3_MAX_ATTEMPTS = 5
+
+
 @functools.lru_cache(maxsize=8)
 def _client(pid: int, env: tuple, fast: bool):
     del pid, env  # cache key only: a forked child or a changed endpoint gets its own client
@@ -117,10 +137,13 @@ def _client(pid: int, env: tuple, fast: bool):
             **_endpoint_config(),
         )
     else:
+        # Retries with exponential backoff are botocore's (standard mode); a loader holds one
+        # open GET per shard it interleaves, hence the larger connection pool.
         cfg = Config(
-            retries={"mode": "standard", "max_attempts": 5},
+            retries={"mode": "standard", "max_attempts": S3_MAX_ATTEMPTS},
             connect_timeout=5,
             read_timeout=60,
+            max_pool_connections=64,
             **_endpoint_config(),
         )
     return boto3.session.Session().client("s3", config=cfg)
@@ -185,6 +208,157 @@ def open_read(uri: str | os.PathLike) -> BinaryIO:
         raise StorageError(f"{uri}: no such file (expected an existing file to read)") from exc
     except IsADirectoryError as exc:
         raise StorageError(f"{uri}: is a directory (expected a file)") from exc
+
+
+# Errors while reading a response body: botocore does not retry these (its retries cover the
+# request up to the response headers), so ResumableS3Reader re-opens the object from the
+# byte offset it reached with a Range request, which botocore then retries with backoff.
+_BODY_ERRORS = (
+    ResponseStreamingError,
+    ReadTimeoutError,
+    IncompleteReadError,
+    ConnectionClosedError,
+    urllib3.exceptions.HTTPError,
+    ConnectionError,
+    TimeoutError,
+)
+
+
+@dataclass
+class StreamCounters:
+    """Byte and re-open counts of the streams opened with :func:`open_stream` (thread-safe)."""
+
+    bytes_read: int = 0
+    s3_reopens: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, bytes_read: int = 0, s3_reopens: int = 0) -> None:
+        with self._lock:
+            self.bytes_read += bytes_read
+            self.s3_reopens += s3_reopens
+
+
+class ResumableS3Reader:
+    """A read-only stream over one S3 object that survives a broken connection mid-body.
+
+    ``read(n)`` returns bytes in order; if the body fails after ``offset`` bytes (connection
+    reset, read timeout, short body), the object is re-opened with ``Range: bytes=offset-`` and
+    ``If-Match: <ETag>`` (so a replaced object is an error, not silently spliced) and the read
+    continues: no byte is returned twice or skipped. Opening (first and re-opens) goes through
+    the client's botocore retries with exponential backoff. At most ``max_reopens`` re-opens
+    per object, then :class:`StorageError` naming the URI and byte offset.
+    """
+
+    def __init__(self, uri: str, *, counters: StreamCounters | None = None, max_reopens: int = S3_MAX_ATTEMPTS, client=None) -> None:
+        self.uri = uri
+        self.bucket, self.key = split_s3(uri)
+        self.offset = 0
+        self.reopens = 0
+        self.max_reopens = max_reopens
+        self.counters = counters
+        self._client = client
+        self.etag: str | None = None
+        self.size: int | None = None
+        self._body = None
+        self._open()
+
+    def _open(self) -> None:
+        kwargs: dict = {"Bucket": self.bucket, "Key": self.key}
+        if self.offset:
+            kwargs["Range"] = f"bytes={self.offset}-"
+        if self.etag:
+            kwargs["IfMatch"] = self.etag
+        try:
+            resp = (self._client or s3_client()).get_object(**kwargs)
+        except (ClientError, BotoCoreError) as exc:
+            if isinstance(exc, ClientError) and _error_code(exc) in ("PreconditionFailed", "412"):
+                raise StorageError(f"{self.uri}: object changed while being read (ETag no longer {self.etag})") from exc
+            raise _s3_error(self.uri, f"read (from byte {self.offset})", exc) from exc
+        if self.etag is None:
+            self.etag = resp.get("ETag")
+            self.size = resp.get("ContentLength")
+        self._body = resp["Body"]
+
+    def read(self, n: int = -1) -> bytes:
+        if self._body is None:
+            raise ValueError(f"{self.uri}: read from a closed stream")
+        if self.size is not None and self.offset >= self.size:
+            return b""
+        while True:
+            try:
+                data = self._body.read(None if n is None or n < 0 else n)
+                break
+            except _BODY_ERRORS as exc:
+                if self.reopens >= self.max_reopens:
+                    raise StorageError(
+                        f"{self.uri}: read failed at byte {self.offset} after {self.reopens} re-open(s): {exc}"
+                    ) from exc
+                self.reopens += 1
+                if self.counters is not None:
+                    self.counters.add(s3_reopens=1)
+                log.warning("%s: read failed at byte %d (%s); re-opening from there (attempt %d of %d)",
+                            self.uri, self.offset, exc, self.reopens, self.max_reopens)
+                self._close_body()
+                self._open()
+        self.offset += len(data)
+        if self.counters is not None:
+            self.counters.add(bytes_read=len(data))
+        return data
+
+    def _close_body(self) -> None:
+        body, self._body = self._body, None
+        if body is not None:
+            try:
+                body.close()
+            except Exception:  # a broken connection may fail to close; nothing to keep
+                pass
+
+    def close(self) -> None:
+        self._close_body()
+
+    @property
+    def closed(self) -> bool:
+        return self._body is None
+
+    def readable(self) -> bool:
+        return True
+
+    def __enter__(self) -> "ResumableS3Reader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _CountingFile:
+    """A local file whose reads are added to a StreamCounters."""
+
+    def __init__(self, f: BinaryIO, counters: StreamCounters) -> None:
+        self._f = f
+        self.counters = counters
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        self.counters.add(bytes_read=len(data))
+        return data
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_stream(uri: str | os.PathLike, counters: StreamCounters | None = None) -> BinaryIO:
+    """A sequential binary reader for big objects (shards): S3 objects resume after a broken
+    connection (:class:`ResumableS3Reader`), local files are plain unbuffered-by-us files."""
+    if is_s3(uri):
+        return ResumableS3Reader(str(uri), counters=counters)  # type: ignore[return-value]
+    f = open_read(uri)
+    return _CountingFile(f, counters) if counters is not None else f  # type: ignore[return-value]
 
 
 def read_bytes(uri: str | os.PathLike) -> bytes:
@@ -408,7 +582,7 @@ def ensure_bucket(uri: str | os.PathLike) -> None:
 def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **_kw) -> BinaryIO:
     if mode[0] != "r":
         raise StorageError(f"{url}: the s3:// webdataset opener only reads (mode {mode!r})")
-    return open_read(url)
+    return open_stream(url)
 
 
 def register_webdataset_s3() -> None:

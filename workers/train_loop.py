@@ -21,8 +21,10 @@ from model import GPT, GPTConfig, GPTTokenizer, load_pretrained
 from orchestrator.spec import TrainSpec
 from workers import storage
 from workers.checkpointing import SERVING_FILES, TrainerState, restore_checkpoint, save_checkpoint
-from workers.data import Batch, eval_batches, train_batches
+from workers.data import (Batch, DataStats, GlobalOrder, data_position, eval_batches, samples_consumed,
+                          start_sample_from, train_batches_global)
 from workers.engine import build_engine
+from workers.shards import load_manifest
 from workers.schedule import lr_at
 from workers.tracking import RunLogger
 
@@ -38,7 +40,8 @@ class WorkerJob:
     data_uri: str
     train: dict[str, Any]
     model_config: dict[str, Any]
-    train_shards: list[list[str]]  # per rank
+    # every rank derives its rows from the global order (seed, epoch, manifest): see
+    # workers/data_global.py; only validation names its shards
     val_shards: list[str]
     tracking_uri: str | None = None
     run_id: str | None = None
@@ -164,6 +167,25 @@ def optimizer_step(engine, optimizer, batches: Iterator[Batch], grad_accum_steps
     return float(torch.stack(losses).float().mean())  # one device sync per step, not per micro-batch
 
 
+def _traced(batches: Iterator[Batch], path: Path, rank: int, current_step) -> Iterator[Batch]:
+    """Append each micro-batch's global positions and sample ids to a JSON-lines file
+    (spec `debug.trace_samples`), so tests can prove no sample is repeated or skipped."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        for batch in batches:
+            with path.open("a") as trace:
+                trace.write(json.dumps({"step": current_step(), "rank": rank,
+                                        "positions": batch.positions.tolist(),
+                                        "ids": batch.sample_ids.tolist()}) + "\n")
+            yield batch
+    finally:
+        close = getattr(batches, "close", None)
+        if close:
+            close()
+
+
 class _Fault:
     """One-shot fault injection (spec `debug.fail_at_step`): the marker makes it fire once per job."""
 
@@ -244,11 +266,10 @@ def run_worker(job: WorkerJob, hooks) -> TrainerState:
     checkpoint = hooks.latest_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            resumed = restore_checkpoint(directory, engine)
+            resumed = restore_checkpoint(directory, engine, train.zero_stage, world_size)
         if resumed.world_size != world_size:
-            log.warning("resuming with %d workers instead of %d: data restarts the epoch",
-                        world_size, resumed.world_size)
-            resumed.data_position = {"batches_consumed": 0}
+            log.info("resuming with %d workers instead of %d: the global data order continues exactly",
+                     world_size, resumed.world_size)
         state = resumed
         state.world_size = world_size
         if rank == 0:
@@ -257,10 +278,18 @@ def run_worker(job: WorkerJob, hooks) -> TrainerState:
     tracker = RunLogger(job.tracking_uri, job.run_id, enabled=(rank == 0))
     monitor = _start_system_metrics(job, enabled=(rank == 0 and job.extra.get("system_metrics", True)))
     fault = _Fault(job.extra.get("debug", {}), job.extra.get("fault_marker"), rank)
-    stream: Iterator[Batch] = train_batches(
-        job.data_uri, job.train_shards[rank], train.micro_batch_size, train.seed,
-        start_batch=state.data_position["batches_consumed"],
-    )
+    # Global data order (workers/data_global.py): rank r of W takes every W-th row of one
+    # W-independent sequence; the position is the number of global samples consumed.
+    manifest = load_manifest(job.data_uri)
+    order = GlobalOrder(manifest, train.seed, interleave=train.data_interleave)
+    start_sample = start_sample_from(state.data_position, order)
+    data_stats = DataStats()
+    stream = train_batches_global(job.data_uri, rank, world_size, train.micro_batch_size, train.seed,
+                                  start_sample=start_sample, manifest=manifest, interleave=train.data_interleave,
+                                  on_corrupt=train.on_corrupt, stats=data_stats)
+    micro_batches = 0
+    if job.extra.get("trace_dir"):
+        stream = _traced(stream, Path(job.extra["trace_dir"]) / f"rank{rank}.jsonl", rank, lambda: state.step + 1)
     val = list(eval_batches(job.data_uri, job.val_shards, train.micro_batch_size, train.eval_batches)) if job.val_shards else []
     prompts = _sample_prompts(val, train.samples_at_eval) if train.zero_stage != 3 else []
     tokens_per_step = world_size * train.grad_accum_steps * train.micro_batch_size * model_config.block_size
@@ -284,10 +313,13 @@ def run_worker(job: WorkerJob, hooks) -> TrainerState:
         local_loss = optimizer_step(engine, optimizer, stream, train.grad_accum_steps, lr)
         state.step += 1
         state.tokens_seen += tokens_per_step
-        state.data_position = {"batches_consumed": state.data_position["batches_consumed"] + train.grad_accum_steps}
+        micro_batches += train.grad_accum_steps
+        state.data_position = data_position(
+            order, samples_consumed(start_sample, micro_batches, world_size, train.micro_batch_size))
         train_loss = _mean_across_ranks(local_loss)
         elapsed = time.perf_counter() - started
-        metrics = {"train/loss": train_loss, "train/lr": lr, "train/tokens_per_s": tokens_per_step / elapsed,
+        metrics = {**data_stats.as_metrics(), "train/loss": train_loss, "train/lr": lr,
+                   "train/tokens_per_s": tokens_per_step / elapsed,
                    "train/peak_mem_gb": peak_memory_gb(engine.device)}
         utilisation = mfu(flops, tokens_per_step / elapsed / world_size, peak)
         if utilisation is not None:
@@ -307,6 +339,8 @@ def run_worker(job: WorkerJob, hooks) -> TrainerState:
         fault.maybe_fire(state.step)
         if fault.step_delay_s:
             time.sleep(fault.step_delay_s)
+    if hasattr(stream, "close"):
+        stream.close()
     tracker.close()
     if monitor is not None:
         monitor.finish()

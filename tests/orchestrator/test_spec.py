@@ -2,11 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.planning import PlanError, plan_shards
 from orchestrator.runs import flatten_params
 from orchestrator.spec import FinetuneSpec, PretrainSpec, SpecError, interpolate_env, parse_spec
 from workers.schedule import lr_at
-from workers.shards import Manifest, ShardInfo
 
 
 def test_defaults_resolve():
@@ -32,22 +30,6 @@ def test_env_interpolation(monkeypatch):
 def test_params_redact_secrets():
     flat = flatten_params({"s3": {"secret_key": "hunter2", "endpoint": "http://x"}, "api_key": "k"})
     assert flat == {"s3.secret_key": "***", "s3.endpoint": "http://x", "api_key": "***"}
-
-
-def _manifest(n_train: int) -> Manifest:
-    shards = [ShardInfo(name=f"train-{i:06d}.tar", rows=10, sha256="0") for i in range(n_train)]
-    return Manifest(kind="pretrain", tokenizer_sha256="t", vocab_size=10, eos_id=0, pad_id=1, seq_len=8,
-                    dtype="uint16", rows_per_member=4, seed=0,
-                    splits={"train": shards, "val": [ShardInfo(name="val-000000.tar", rows=2, sha256="0")]})
-
-
-def test_plan_gives_every_rank_disjoint_shards():
-    plan = plan_shards(_manifest(5), world_size=2)
-    assert plan.train == [["train-000000.tar", "train-000002.tar", "train-000004.tar"],
-                          ["train-000001.tar", "train-000003.tar"]]
-    assert plan.val == ["val-000000.tar"]
-    with pytest.raises(PlanError, match="1 train shard"):
-        plan_shards(_manifest(1), world_size=2)
 
 
 def test_lr_schedule_warmup_then_cosine():

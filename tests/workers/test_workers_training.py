@@ -4,6 +4,7 @@ Two workers, a tiny GPT, local storage and a sqlite MLflow store: real DeepSpeed
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,7 @@ def _spec(workdir: Path, name: str, **train) -> dict:
         "train": {"max_steps": 8, "micro_batch_size": 4, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2,
                   "eval_every": 4, "eval_batches": 2, "checkpoint_every": 4, "samples_at_eval": 1, **train},
         "cluster": {"num_workers": 2},
+        "debug": {"trace_samples": True},
     }
 
 
@@ -47,6 +49,24 @@ def _weights(checkpoint: str) -> dict[str, torch.Tensor]:
 def _losses(workdir: Path, run_id: str) -> list[float]:
     history = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}").get_metric_history(run_id, "train/loss")
     return [m.value for m in sorted(history, key=lambda m: (m.step, m.timestamp))]
+
+
+def _trained_samples(run_dir: Path) -> dict[int, int]:
+    """Global position → sample id of every micro-batch that counts in the final weights.
+
+    After a restart a rank replays from the checkpoint's step, so a record for step s
+    supersedes the same rank's earlier records for steps ≥ s."""
+    trained: dict[int, int] = {}
+    for trace in sorted((run_dir / "sample_trace").glob("rank*.jsonl")):
+        kept: list[dict] = []
+        for record in map(json.loads, trace.read_text().splitlines()):
+            kept = [r for r in kept if r["step"] < record["step"]]
+            kept.append(record)
+        for record in kept:
+            for position, sample in zip(record["positions"], record["ids"]):
+                assert position not in trained, f"position {position} trained twice"
+                trained[position] = sample
+    return trained
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
@@ -89,7 +109,7 @@ def test_crash_resume_is_bit_identical_and_keeps_one_run(workdir, ray_cluster, f
     checkpoint must never be the one the restart loads."""
     job = f"crashy{fail_at_step}"
     spec = _spec(workdir, job, zero_stage=2)
-    spec["debug"] = {"fail_at_step": fail_at_step, "fail_rank": 1}
+    spec["debug"].update({"fail_at_step": fail_at_step, "fail_rank": 1})
     spec["cluster"]["max_failures"] = 1
     crashed = run_training(prepare_job(parse_spec(spec)))
     assert (workdir / "runs" / job / ".fault_injected").is_file(), "the fault fired"
@@ -104,3 +124,18 @@ def test_crash_resume_is_bit_identical_and_keeps_one_run(workdir, ray_cluster, f
     assert runs[0].info.status == "FINISHED"
     steps = {m.step for m in client.get_metric_history(crashed.run_id, "train/loss")}
     assert steps == set(range(1, 9))
+    expected = _trained_samples(workdir / "runs" / "zero2")
+    assert sorted(expected) == list(range(64)), "8 steps x 2 workers x 4 sequences"
+    assert _trained_samples(workdir / "runs" / job) == expected, "no sample repeated, none skipped"
+
+
+def test_resume_with_fewer_workers_continues_the_same_samples(workdir, ray_cluster):
+    """2 workers train 4 steps; the job resumes on 1 worker and consumes the rest of the same
+    global sequence: together exactly the samples an uninterrupted 2-worker run trains on."""
+    spec = _spec(workdir, "shrink", zero_stage=2, max_steps=4)
+    run_training(prepare_job(parse_spec(spec)))
+    spec["train"]["max_steps"] = 12  # 8 more steps of 1 x 4 sequences = the 32 samples of steps 5-8
+    spec["cluster"]["num_workers"] = 1
+    resumed = run_training(prepare_job(parse_spec(spec)))
+    assert resumed.step == 12
+    assert _trained_samples(workdir / "runs" / "shrink") == _trained_samples(workdir / "runs" / "zero2")
