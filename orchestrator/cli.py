@@ -12,7 +12,7 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 # modules that add their own subcommands: each defines `register(subparsers)` and gives every
 # parser `set_defaults(handler=fn)` where fn(args) -> exit code
-FEATURE_COMMANDS: tuple[str, ...] = ("orchestrator.cli_interop",)
+FEATURE_COMMANDS: tuple[str, ...] = ("orchestrator.cli_interop", "orchestrator.cli_ops")
 
 
 def _add_data(sub: argparse._SubParsersAction) -> None:
@@ -43,11 +43,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate = sub.add_parser("validate", help="check a job spec without running anything")
     validate.add_argument("spec")
+    validate.add_argument("--print", dest="print_spec", action="store_true",
+                          help="print the resolved spec (secrets as ***)")
     validate.set_defaults(handler=_cmd_validate)
 
     submit = sub.add_parser("submit", help="run a pretrain/finetune/deploy job spec")
     submit.add_argument("spec")
-    submit.add_argument("--address", help="Ray address (host:port, ray://…); default: embedded local Ray")
+    submit.add_argument("--address", help="http://HEAD:8265: submit through the Ray Jobs API; host:port / ray:// / "
+                        "auto: join that cluster from here; default: embedded local Ray")
+    submit.add_argument("--wait", action="store_true",
+                        help="with an http:// address: follow the job to its end; exit 0 SUCCEEDED, 1 FAILED, 3 STOPPED")
     submit.set_defaults(handler=_cmd_submit)
 
     deploy = sub.add_parser("deploy", help="serve a checkpoint (dir, s3:// or a deploy spec) with Ray Serve")
@@ -100,12 +105,20 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.spec)
     print(f"[gptctl] {args.spec}: valid {spec.kind} spec '{spec.name}'")
+    if args.print_spec:
+        from orchestrator.spec import render_spec
+
+        print(render_spec(spec), end="")
     return EXIT_OK
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
+    from orchestrator.cli_ops import submit_dispatch
     from orchestrator.spec import DeploySpec, load_spec
 
+    handled = submit_dispatch(args.spec, args.address, wait=args.wait)  # Jobs API, pipelines
+    if handled is not None:
+        return handled
     spec = load_spec(args.spec)
     if isinstance(spec, DeploySpec):
         return _serve(spec, args.address)

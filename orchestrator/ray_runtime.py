@@ -13,6 +13,7 @@ FORWARDED_ENV = (
     "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
     "AWS_DEFAULT_REGION", "AWS_REGION", "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_TOKEN",
     "MLFLOW_DISABLE_TELEMETRY", "TORCH_EXTENSIONS_DIR",
+    "AWS_REQUEST_CHECKSUM_CALCULATION", "AWS_RESPONSE_CHECKSUM_VALIDATION",
 )
 
 
@@ -43,7 +44,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, temp_dir
     if ray.is_initialized():
         return
     # inside a Ray job (or with RAY_ADDRESS exported) join that cluster instead of starting one
-    address = address or os.environ.get("RAY_ADDRESS") or None
+    # (an http:// RAY_ADDRESS is the Jobs API's dashboard URL, not something ray.init joins)
+    env_address = os.environ.get("RAY_ADDRESS", "")
+    address = address or (env_address if env_address and not env_address.startswith(("http://", "https://")) else None)
     default_extensions_dir()
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")

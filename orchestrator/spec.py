@@ -329,8 +329,18 @@ def _format_errors(source: str, error: ValidationError) -> str:
             else:  # a pipeline stage
                 lines.append(f"  - {location}.kind: expected one of: pretrain, finetune, deploy")
         else:
-            lines.append(f"  - {location}: {item['msg']} (got {_short(item.get('input'))})")
+            lines.append(f"  - {location}: {item['msg']} (got {_short(_redacted_input(item))})")
     return "\n".join(lines)
+
+
+def _redacted_input(item: dict) -> Any:
+    """The offending value as an error message may show it: secret-looking fields as ***."""
+    from orchestrator.runs import _SECRET_KEY
+
+    name = str(item["loc"][-1]) if item.get("loc") else ""
+    if _SECRET_KEY.search(name) and item.get("input") not in (None, ""):
+        return "***"
+    return redact(item.get("input"))
 
 
 def _short(value: Any, limit: int = 200) -> str:
