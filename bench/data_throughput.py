@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=None, help="torch threads for the training step")
     args = parser.parse_args(argv)
 
-    from infra.s3_endpoint import start_moto_server
+    from infra.s3_endpoint import pointed_at, start_moto_server
 
     work = Path(tempfile.mkdtemp(prefix="gptctl-bench-data-"))
     local = str(work / "ds")
@@ -133,11 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"in {time.perf_counter() - t:.1f} s", flush=True)
     batches = 2 * args.rows // BATCH  # two epochs
 
-    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    handle = start_moto_server(log_path=work / "moto.log")
-    try:
-        os.environ.update({"AWS_ENDPOINT_URL": handle.url, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-                           "AWS_DEFAULT_REGION": "us-east-1"})
+    with start_moto_server(log_path=work / "moto.log") as handle, pointed_at(handle.url):
         uri = "s3://gptctl-bench/ds"
         storage.ensure_bucket(uri)
         storage.upload_dir(local, uri)
@@ -148,13 +144,6 @@ def main(argv: list[str] | None = None) -> dict:
         s3_two = loader_rate(uri, batches // 2, world_size=2)
         print(f"[bench] 2 rank loaders in one process from S3: {s3_two['tokens_per_s'] / 1e6:.2f} M tokens/s together "
               f"({s3_two['mb_read']:.0f} MB read for {s3_two['tokens'] / 1e6:.1f} M tokens)", flush=True)
-    finally:
-        handle.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
     disk = loader_rate(local, batches)
     print(f"[bench] loader from local disk: {disk['tokens_per_s'] / 1e6:.2f} M tokens/s ({disk['seconds']:.2f} s)", flush=True)

@@ -7,6 +7,8 @@ restart, which is what tests want. The handle stops exactly the process it start
 from __future__ import annotations
 
 import atexit
+import contextlib
+import os
 import shutil
 import socket
 import subprocess
@@ -17,7 +19,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["ServiceHandle", "free_port", "start_moto_server", "wait_http"]
+__all__ = ["ServiceHandle", "free_port", "pointed_at", "start_moto_server", "wait_http"]
 
 
 @dataclass
@@ -113,3 +115,22 @@ def start_moto_server(
         handle.stop()
         raise
     return handle
+
+
+TEST_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@contextlib.contextmanager
+def pointed_at(endpoint_url: str, credentials: dict[str, str] = TEST_CREDENTIALS):
+    """Point boto3/pyarrow (AWS_ENDPOINT_URL + credentials) at an endpoint; restore on exit."""
+    values = {**credentials, "AWS_ENDPOINT_URL": endpoint_url}
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield endpoint_url
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

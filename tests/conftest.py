@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-from pathlib import Path
 
 import pytest
 
@@ -17,27 +16,25 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-
-
 @pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory):
     """A real S3 HTTP API (moto_server) on a free loopback port; AWS_* env points at it."""
-    from infra.s3_endpoint import start_moto_server
+    from infra.s3_endpoint import pointed_at, start_moto_server
 
-    saved = {key: os.environ.get(key) for key in [*S3_ENV, "AWS_ENDPOINT_URL"]}
-    handle = start_moto_server(log_path=tmp_path_factory.mktemp("moto") / "moto.log")
-    os.environ.update(S3_ENV)
-    os.environ["AWS_ENDPOINT_URL"] = handle.url
-    try:
-        yield handle.url
-    finally:
-        handle.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    with start_moto_server(log_path=tmp_path_factory.mktemp("moto") / "moto.log") as handle:
+        with pointed_at(handle.url):
+            yield handle.url
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny matmuls only lose to thread hand-off, badly so on a busy machine; restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

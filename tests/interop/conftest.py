@@ -11,16 +11,12 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 from interop_testutil import make_checkpoint, make_tokenizer  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_torch_thread):
+    """These tests use tiny models: one torch thread (fixture in tests/conftest.py)."""
 
 
 @pytest.fixture(scope="session")

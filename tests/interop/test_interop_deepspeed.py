@@ -7,7 +7,6 @@ exactly as training does (workers.engine.build_engine) and saves exactly as trai
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import socket
 from pathlib import Path
@@ -45,26 +44,22 @@ def process_group():
     """
     import importlib
 
+    from orchestrator.ray_runtime import default_extensions_dir
+
     ds_torch_comm = importlib.import_module("deepspeed.comm.torch")  # `import … as` yields torch itself
     patch = pytest.MonkeyPatch()
     patch.setattr(ds_torch_comm, "build_shm_op", lambda: None)
     env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(_free_port()),
-           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
-                                                  str(Path.home() / ".cache" / "gptctl" / "torch_extensions"))}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+           "TORCH_EXTENSIONS_DIR": default_extensions_dir()}
+    for key, value in env.items():
+        patch.setenv(key, value)  # undone with the patch below
     yield
     import torch.distributed as dist
 
     if dist.is_initialized():
         dist.destroy_process_group()
     patch.undo()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
 
 
 @pytest.fixture(scope="module")

@@ -4,19 +4,14 @@ runs in milliseconds."""
 from __future__ import annotations
 
 import pytest
-import torch
 from model_testutil import CORPUS, make_model
 
 from model import GPT, GPTTokenizer
 
 
 @pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny matmuls only lose to thread hand-off, badly so on a busy machine; restore afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _single_thread(one_torch_thread):
+    """These tests use tiny models: one torch thread (fixture in tests/conftest.py)."""
 
 
 @pytest.fixture

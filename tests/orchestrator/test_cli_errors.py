@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from infra.s3_endpoint import free_port
 from orchestrator.cli import EXIT_BAD_INPUT, main
