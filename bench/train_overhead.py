@@ -125,19 +125,40 @@ def main() -> None:
     startup_s = first.timestamp / 1000 - submitted
     ray_rate = _tokens_per_s_from_mlflow(tracking, result.run_id, args.warmup)
 
+    # (d) checkpoints to a loopback S3 endpoint every 5 steps: do steps slow down while the
+    # background upload of the previous checkpoint is in flight?
+    from infra.s3_endpoint import pointed_at, start_moto_server
+    from workers import storage
+
+    with start_moto_server(log_path=work / "moto.log") as s3, pointed_at(s3.url):
+        storage.ensure_bucket("s3://bench-ckpt")
+        ckpt_spec = {**spec, "name": "bench-ckpt", "storage_path": "s3://bench-ckpt/runs",
+                     "train": {**spec["train"], "checkpoint_every": 5}}
+        prepared = prepare_job(parse_spec(ckpt_spec))
+        prepared.worker_job.val_shards = []
+        prepared.worker_job.extra.update({"torch_threads": args.threads, "system_metrics": False})
+        ckpt_run = run_training(prepared, on_run=lambda _: None)
+    history = MlflowClient(tracking).get_metric_history(ckpt_run.run_id, "train/tokens_per_s")
+    step_s = {m.step: 1 / m.value for m in history if m.step > args.warmup}
+    in_flight = [t for step, t in step_s.items() if step % 5 == 1]  # the step after each checkpoint
+    quiet = [t for step, t in step_s.items() if step % 5 not in (0, 1)]
+    inflight_ratio = statistics.median(in_flight) / statistics.median(quiet)
+
     print(f"model: {args.n_layer} layers x {args.n_embd}, seq {args.seq_len}, batch {args.batch}, "
           f"{args.threads} threads, {args.steps} steps (median after {args.warmup})")
     print(f"(a) bare PyTorch loop        : {bare_rate:10,.0f} tokens/s")
     print(f"(b) gptctl worker, ZeRO-2    : {worker_rate:10,.0f} tokens/s  ratio {worker_rate / bare_rate:.3f}")
     print(f"(c) Ray Train, 1 worker      : {ray_rate:10,.0f} tokens/s  ratio {ray_rate / bare_rate:.3f}")
     print(f"startup (submit → first step): {startup_s:.1f} s")
+    print(f"step time with a checkpoint upload to S3 in flight / without: {inflight_ratio:.3f} "
+          f"({len(in_flight)} vs {len(quiet)} steps)")
     import ray
 
     ray.shutdown()
     print(json.dumps({"bench": "train_overhead", "bare_tokens_per_s": round(bare_rate),
                       "worker_tokens_per_s": round(worker_rate), "ray_tokens_per_s": round(ray_rate),
                       "ratio_worker": round(worker_rate / bare_rate, 3), "ratio_ray": round(ray_rate / bare_rate, 3),
-                      "startup_s": round(startup_s, 2)}))
+                      "startup_s": round(startup_s, 2), "ckpt_inflight_step_ratio": round(inflight_ratio, 3)}))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 # modules that add their own subcommands: each defines `register(subparsers)` and gives every
 # parser `set_defaults(handler=fn)` where fn(args) -> exit code
-FEATURE_COMMANDS: tuple[str, ...] = ("orchestrator.cli_interop", "orchestrator.cli_ops")
+FEATURE_COMMANDS: tuple[str, ...] = ("orchestrator.cli_interop", "orchestrator.cli_ops", "orchestrator.cli_serve")
 
 
 def _add_data(sub: argparse._SubParsersAction) -> None:
@@ -36,6 +36,8 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from orchestrator.cli_serve import add_deploy_flags
+
     parser = argparse.ArgumentParser(prog="gptctl", description=__doc__)
     parser.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (sets AWS_ENDPOINT_URL)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -62,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("--port", type=int, default=8000)
     deploy.add_argument("--replicas", type=int, default=1)
     deploy.add_argument("--address", help="Ray address; without one the app lives until Ctrl-C")
+    deploy.add_argument("--tracking-uri", help="MLflow registry for a models:/NAME@ALIAS target")
+    add_deploy_flags(deploy)
     deploy.set_defaults(handler=_cmd_deploy)
 
     generate = sub.add_parser("generate", help="query a deployed model over HTTP")
@@ -132,6 +136,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _cmd_deploy(args: argparse.Namespace) -> int:
+    from orchestrator.cli_serve import deploy_spec_fields
     from orchestrator.spec import DeploySpec, load_spec
 
     if args.target.endswith((".yaml", ".yml")):
@@ -140,24 +145,19 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.target}: kind is {spec.kind}; `gptctl deploy` expects kind: deploy")
     else:
         spec = DeploySpec(kind="deploy", name=args.name, checkpoint=args.target, host=args.host,
-                          port=args.port, num_replicas=args.replicas)
+                          port=args.port, num_replicas=args.replicas, tracking_uri=args.tracking_uri,
+                          **deploy_spec_fields(args))
     return _serve(spec, args.address)
 
 
 def _serve(spec, address: str | None) -> int:
-    from orchestrator.deploy import deploy
+    from orchestrator.deploy import deploy, serve_until_interrupted
 
     url = deploy(spec, address=address)
-    print(f"[gptctl] serving {spec.checkpoint} at {url} (POST /generate, GET /healthz)", flush=True)
+    print(f"[gptctl] serving {spec.checkpoint} at {url} (POST /v1/completions, /v1/chat/completions, "
+          f"GET /v1/models, POST /generate, GET /healthz)", flush=True)
     if address is None:
-        import time
-
-        print("[gptctl] embedded Ray: press Ctrl-C to stop serving", flush=True)
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            pass
+        serve_until_interrupted()
     return EXIT_OK
 
 

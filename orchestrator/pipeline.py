@@ -300,12 +300,7 @@ def submit_pipeline(spec: PipelineSpec, address: str | None = None, serve_foreve
     if serve_forever is None:
         serve_forever = address is None and bool(deployed)
     if serve_forever:
-        import time
+        from orchestrator.deploy import serve_until_interrupted
 
-        print("[gptctl] embedded Ray: press Ctrl-C to stop serving", flush=True)
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            pass
+        serve_until_interrupted()
     return 0

@@ -135,7 +135,7 @@ class FinetuneSpec(_JobBase):
 class DeploySpec(_Strict):
     kind: Literal["deploy"]
     name: str = Field(default="gptctl", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
-    checkpoint: str = Field(description="checkpoint dir (local or s3://)")
+    checkpoint: str = Field(description="checkpoint dir (local or s3://) or models:/NAME@ALIAS")
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     num_replicas: int = Field(default=1, ge=1)
@@ -158,6 +158,7 @@ class DeploySpec(_Strict):
     api_key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
                                     description="name of the environment variable that holds the API key")
     api_key_file: str | None = Field(default=None, description="path of a file that holds the API key")
+    tracking_uri: str | None = Field(default=None, description="MLflow registry for a models:/ checkpoint")
 
 
 # ----------------------------------------------------------------------------- pipelines

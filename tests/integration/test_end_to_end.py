@@ -142,6 +142,16 @@ def test_deploy_and_generate_over_http(ray_cluster):
     assert httpx.get(f"{url}/healthz", timeout=10).status_code == 200, "bad requests don't take the replica down"
 
 
+def test_deploy_straight_from_the_registry(mlflow_server, ray_cluster):
+    """models:/NAME@best resolves to the registered version's files and serves them."""
+    spec = parse_spec({"kind": "deploy", "name": "it-registry", "checkpoint": "models:/it-finetune@best",
+                       "tracking_uri": mlflow_server, "route_prefix": "/registry", "cpus_per_replica": 0.5})
+    url = deploy(spec)
+    assert url.endswith("/registry")
+    reply = query(url, "Where does somebody live?", max_tokens=4, temperature=0.0)
+    assert 1 <= reply["completion_tokens"] <= 4
+
+
 def test_cli_generate_queries_the_endpoint(capsys):
     from orchestrator.cli import main
 
