@@ -19,7 +19,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["ServiceHandle", "free_port", "pointed_at", "start_moto_server", "wait_http"]
+__all__ = ["ServiceHandle", "free_port", "patched_environ", "pointed_at", "start_moto_server", "wait_http"]
 
 
 @dataclass
@@ -121,16 +121,22 @@ TEST_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "te
 
 
 @contextlib.contextmanager
-def pointed_at(endpoint_url: str, credentials: dict[str, str] = TEST_CREDENTIALS):
-    """Point boto3/pyarrow (AWS_ENDPOINT_URL + credentials) at an endpoint; restore on exit."""
-    values = {**credentials, "AWS_ENDPOINT_URL": endpoint_url}
+def patched_environ(values: dict[str, str]):
+    """Set environment variables for the duration of a block, then restore what was there."""
     saved = {key: os.environ.get(key) for key in values}
     os.environ.update(values)
     try:
-        yield endpoint_url
+        yield
     finally:
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@contextlib.contextmanager
+def pointed_at(endpoint_url: str, credentials: dict[str, str] = TEST_CREDENTIALS):
+    """Point boto3/pyarrow (AWS_ENDPOINT_URL + credentials) at an endpoint; restore on exit."""
+    with patched_environ({**credentials, "AWS_ENDPOINT_URL": endpoint_url}):
+        yield endpoint_url

@@ -36,7 +36,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from orchestrator.cli_serve import add_deploy_flags
+    from orchestrator.cli_serve import add_deploy_flags, add_sampling_flags
 
     parser = argparse.ArgumentParser(prog="gptctl", description=__doc__)
     parser.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (sets AWS_ENDPOINT_URL)")
@@ -71,11 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate = sub.add_parser("generate", help="query a deployed model over HTTP")
     generate.add_argument("prompt")
     generate.add_argument("--url", default=os.environ.get("GPTCTL_URL", "http://127.0.0.1:8000"))
-    generate.add_argument("--max-tokens", type=int, default=64)
-    generate.add_argument("--temperature", type=float, default=0.8)
-    generate.add_argument("--top-k", type=int)
-    generate.add_argument("--top-p", type=float)
-    generate.add_argument("--seed", type=int)
+    add_sampling_flags(generate, max_tokens=64)
     generate.add_argument("--raw", action="store_true", help="don't wrap the prompt in the fine-tuning template")
     generate.add_argument("--json", action="store_true", help="print the whole response")
     generate.set_defaults(handler=_cmd_generate)

@@ -24,11 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     chat.add_argument("--url", default=os.environ.get("GPTCTL_URL", "http://127.0.0.1:8000"),
                       help="the app's base URL (with its route prefix)")
     chat.add_argument("--model", help="model id (default: whatever the server serves)")
-    chat.add_argument("--max-tokens", type=int, default=128)
-    chat.add_argument("--temperature", type=float, default=0.8)
-    chat.add_argument("--top-p", type=float)
-    chat.add_argument("--top-k", type=int)
-    chat.add_argument("--seed", type=int)
+    add_sampling_flags(chat, max_tokens=128)
     chat.add_argument("--stop", action="append", help="stop string (repeatable, up to 4)")
     chat.add_argument("--no-stream", action="store_true", help="wait for the whole answer")
     chat.add_argument("--json", action="store_true", help="print the whole response object (implies --no-stream)")
@@ -57,6 +53,15 @@ def _cmd_chat(args: argparse.Namespace) -> int:
                 print(choice["delta"].get("content", ""), end="", flush=True)
         print(flush=True)
     return EXIT_OK
+
+
+def add_sampling_flags(parser: argparse.ArgumentParser, max_tokens: int) -> None:
+    """The sampling flags `generate` and `chat` share."""
+    parser.add_argument("--max-tokens", type=int, default=max_tokens)
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--top-k", type=int)
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--seed", type=int)
 
 
 def add_deploy_flags(parser: argparse.ArgumentParser) -> None:

@@ -259,19 +259,12 @@ def _start_s3(root: Path, config: dict, out: Callable[[str], Any]) -> dict:
 
 
 def _create_buckets(config: dict) -> None:
-    saved = {key: os.environ.get(key) for key in stack_env(config)}
-    os.environ.update(stack_env(config))
-    try:
-        from workers import storage
+    from infra.s3_endpoint import patched_environ
+    from workers import storage
 
+    with patched_environ(stack_env(config)):
         for bucket in (DATA_BUCKET, MLFLOW_BUCKET):
             storage.ensure_bucket(f"s3://{bucket}")
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def _start_mlflow(root: Path, config: dict, out: Callable[[str], Any]) -> dict:
