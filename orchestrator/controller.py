@@ -13,6 +13,7 @@ from orchestrator.registry import register_checkpoint, set_aliases
 from orchestrator.runs import JobRun, resolve_tracking_uri
 from orchestrator.spec import FinetuneSpec, PretrainSpec
 from workers import storage
+from workers.checkpointing import REQUIRED_SERVING_FILES
 from workers.shards import Manifest, load_manifest
 from workers.train_loop import WorkerJob
 
@@ -39,7 +40,7 @@ class TrainingResult:
 def require_checkpoint(uri: str, field: str) -> None:
     """A directory that serving/fine-tuning can read: the files named in ARCHITECTURE.md."""
     storage.check_reachable(uri)
-    missing = [name for name in ("model.safetensors", "config.json", "tokenizer.json")
+    missing = [name for name in REQUIRED_SERVING_FILES
                if not storage.exists(storage.join(uri, name))]
     if missing:
         raise JobInputError(f"{field}: {uri} holds no gptctl checkpoint (missing {', '.join(missing)})")

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from workers import storage
+from workers.checkpointing import REQUIRED_SERVING_FILES, SERVING_FILES
 
-SERVING_FILES = ("model.safetensors", "config.json", "tokenizer.json", "trainer_state.json")
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 
 
@@ -157,7 +157,7 @@ def _default_cache_dir() -> Path:
 
 
 def _has_checkpoint(directory: Path) -> bool:
-    return all((directory / name).is_file() for name in ("model.safetensors", "config.json", "tokenizer.json"))
+    return all((directory / name).is_file() for name in REQUIRED_SERVING_FILES)
 
 
 def resolve_model_uri(uri: str, tracking_uri: str, dst_dir: str | None = None) -> str:

@@ -26,7 +26,9 @@ log = logging.getLogger(__name__)
 
 DEEPSPEED_DIR = "deepspeed"
 TRAINER_STATE = "trainer_state.json"
-SERVING_FILES = ("model.safetensors", "config.json", "tokenizer.json", TRAINER_STATE)
+# what serving, fine-tuning and export read; trainer_state.json is optional for them
+REQUIRED_SERVING_FILES = ("model.safetensors", "config.json", "tokenizer.json")
+SERVING_FILES = (*REQUIRED_SERVING_FILES, TRAINER_STATE)
 
 
 @dataclass

@@ -367,4 +367,4 @@ def _checkpoint(job: WorkerJob, engine, train: TrainSpec, model_config: GPTConfi
     hooks.report(report, local)
 
 
-__all__ = ["WorkerJob", "train_loop_per_worker", "run_worker", "evaluate", "SERVING_FILES"]
+__all__ = ["WorkerJob", "train_loop_per_worker", "run_worker", "evaluate", "optimizer_step"]

@@ -98,14 +98,15 @@ class GenerateResponse(BaseModel):
 def _local_checkpoint(checkpoint: str) -> str:
     """Serving reads only the safetensors/config/tokenizer files; fetch them if remote."""
     from workers import storage
+    from workers.checkpointing import SERVING_FILES
 
     if not storage.is_s3(checkpoint):
         return checkpoint
     local = tempfile.mkdtemp(prefix="gptctl-serve-")
-    for name in ("model.safetensors", "config.json", "tokenizer.json", "trainer_state.json"):
+    for name in SERVING_FILES:
         uri = storage.join(checkpoint, name)
         if storage.exists(uri):
-            storage.write_bytes(str(Path(local, name)), storage.read_bytes(uri))
+            storage.download_file(uri, str(Path(local, name)))
     return local
 
 
