@@ -41,6 +41,8 @@ def _args() -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--repeats", type=int, default=1,
                    help="timed runs per side, alternating; the fastest counts (default: one run)")
     return p.parse_args()
@@ -71,8 +73,10 @@ def main() -> int:
         ckpt, hf_dir = Path(tmp, "ckpt"), Path(tmp, "hf")
         _make_checkpoint(ckpt, args)
         export_hf(str(ckpt), str(hf_dir))
-        ours = load_pretrained(ckpt)
+        dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+        ours = load_pretrained(ckpt).to(args.device, dtype)
         hf = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), local_files_only=True).eval()
+        hf = hf.to(args.device, dtype)
 
     g = torch.Generator().manual_seed(args.seed + 1)
     prompt = torch.randint(0, 512, (args.prompt_tokens,), generator=g).tolist()
@@ -83,7 +87,7 @@ def main() -> int:
 
     def run_hf(count: int) -> list[int]:
         with torch.inference_mode():
-            out = hf.generate(torch.tensor([prompt]), max_new_tokens=count, min_new_tokens=count, do_sample=False,
+            out = hf.generate(torch.tensor([prompt], device=args.device), max_new_tokens=count, min_new_tokens=count, do_sample=False,
                               use_cache=True, eos_token_id=None, pad_token_id=hf.config.pad_token_id)
         return out[0, len(prompt):].tolist()
 
@@ -99,10 +103,11 @@ def main() -> int:
 
     ours_tps, hf_tps = len(ours_tokens) / ours_s, len(hf_tokens) / hf_s
     params = ours.num_parameters()
-    print(f"machine: {platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}, "
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    print(f"machine: {platform.machine()} {os.cpu_count()} CPUs, {device_name}, torch {torch.__version__}, "
           f"transformers {transformers.__version__}, torch threads {torch.get_num_threads()}")
     print(f"model: {args.layers} layers, n_embd {args.embd}, {args.heads} heads, vocab {args.vocab}, "
-          f"{params / 1e6:.1f}M params; prompt {len(prompt)} tokens, {n} new tokens, greedy, fp32")
+          f"{params / 1e6:.1f}M params; prompt {len(prompt)} tokens, {n} new tokens, greedy, {args.dtype}")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"load average at the end: {load:.1f} (figures are only comparable on an otherwise idle machine)")
     print(f"gptctl generate (KV cache):         {ours_s:7.3f} s  {ours_tps:8.1f} tokens/s  "
@@ -114,7 +119,8 @@ def main() -> int:
                       "hf_tokens_per_s": round(hf_tps, 2), "ratio": round(ours_tps / hf_tps, 3),
                       "cpu_ratio": round((hf_cpu / len(hf_tokens)) / (ours_cpu / len(ours_tokens)), 3),
                       "new_tokens": n, "threads": torch.get_num_threads(), "identical_tokens": same,
-                      "n_layer": args.layers, "n_embd": args.embd, "vocab_size": args.vocab}))
+                      "n_layer": args.layers, "n_embd": args.embd, "vocab_size": args.vocab,
+                      "device": device_name, "dtype": args.dtype}))
     return 0
 
 

@@ -2,20 +2,28 @@
 
 GPT-2 124M, sequence 1024, bf16 by default: the same `build_engine` + `optimizer_step` the
 Ray workers run, on synthetic tokens (data loading is measured by bench/data_throughput.py).
+The baseline, measured in the same run on the same batches, is bench/baseline.py's bare
+PyTorch loop (fused AdamW, bf16 autocast, compiled when --compile is given).
 On a machine without a GPU it runs a tiny preset on the CPU so the script stays exercised.
 
-    python bench/train_gpu.py [--preset gpt2] [--batch 16] [--steps 30] [--compile]
+    python bench/train_gpu.py [--preset gpt2] [--batch 16] [--steps 30] [--compile] [--no-baseline]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from bench.baseline import bare_loop  # noqa: E402
 
 
-def synthetic_batches(vocab: int, batch: int, seq_len: int, device: torch.device):
+def synthetic_batches(vocab: int, batch: int, seq_len: int):
     from workers.data import Batch
 
     generator = torch.Generator().manual_seed(0)
@@ -35,6 +43,9 @@ def main() -> None:
     parser.add_argument("--precision", default=None, choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--zero-stage", type=int, default=2)
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the bare PyTorch loop")
+    parser.add_argument("--deepspeed", type=json.loads, default={}, metavar="JSON",
+                        help="extra DeepSpeed config (the spec's train.deepspeed), e.g. '{\"torch_autocast\": ...}'")
     args = parser.parse_args()
 
     from orchestrator.ray_runtime import default_extensions_dir
@@ -59,10 +70,19 @@ def main() -> None:
     torch.manual_seed(0)
     config = config_from_preset(preset, vocab_size=50304, block_size=seq_len)
     train = TrainSpec(micro_batch_size=batch, grad_accum_steps=args.grad_accum, precision=precision,
-                      zero_stage=args.zero_stage, compile=args.compile, lr=6e-4, min_lr=6e-5, warmup_steps=0)
+                      zero_stage=args.zero_stage, compile=args.compile, lr=6e-4, min_lr=6e-5, warmup_steps=0,
+                      deepspeed=args.deepspeed)
+    stream = synthetic_batches(config.vocab_size, batch, seq_len)
+    bare_rate = None
+    if not args.no_baseline:
+        batches = [next(stream) for _ in range(4)]
+        bare_rate = bare_loop(config, batches, args.steps, 6e-4, args.warmup, device="cuda" if gpu else "cpu",
+                              precision=precision, compile=args.compile, grad_accum=args.grad_accum)
+        print(f"bare PyTorch loop: {bare_rate:,.0f} tokens/s", flush=True)
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
     engine, optimizer = build_engine(GPT(config), train)
     device = engine.device
-    stream = synthetic_batches(config.vocab_size, batch, seq_len, device)
     tokens_per_step = batch * args.grad_accum * seq_len
     timings = []
     for step in range(args.steps):
@@ -75,17 +95,26 @@ def main() -> None:
     step_s = steady[len(steady) // 2]
     tokens_per_s = tokens_per_step / step_s
     flops = flops_per_token(config, seq_len)
-    utilisation = mfu(flops, tokens_per_s, peak_flops(device, precision))
+    autocast = args.deepspeed.get("torch_autocast", {}).get("enabled", False)  # fp32 weights, bf16 matmuls
+    utilisation = mfu(flops, tokens_per_s, peak_flops(device, "bf16" if autocast else precision))
     name = torch.cuda.get_device_name(device) if gpu else "cpu"
     print(f"device {name}; {preset} ({sum(p.numel() for p in engine.module.parameters()) / 1e6:.1f} M params), "
           f"seq {seq_len}, batch {batch}x{args.grad_accum}, {precision}, ZeRO-{args.zero_stage}"
-          f"{', compiled' if args.compile else ''}")
+          f"{', compiled' if args.compile else ''}{f', deepspeed {json.dumps(args.deepspeed)}' if args.deepspeed else ''}")
     print(f"median step {step_s * 1000:.1f} ms → {tokens_per_s:,.0f} tokens/s; "
           f"MFU {'n/a' if utilisation is None else f'{utilisation:.1%}'}; peak memory {peak_memory_gb(device):.1f} GB")
+    ratio = None if bare_rate is None else tokens_per_s / bare_rate
+    if ratio is not None:
+        print(f"gptctl worker step / bare PyTorch loop: {ratio:.3f}")
     print(json.dumps({"bench": "train_gpu", "device": name, "preset": preset, "seq_len": seq_len, "batch": batch,
-                      "precision": precision, "tokens_per_s": round(tokens_per_s),
+                      "precision": precision, "zero_stage": args.zero_stage, "compile": args.compile,
+                      "grad_accum": args.grad_accum, "deepspeed": args.deepspeed,
+                      "tokens_per_s": round(tokens_per_s),
                       "mfu": None if utilisation is None else round(utilisation, 4),
-                      "step_ms": round(step_s * 1000, 2)}))
+                      "step_ms": round(step_s * 1000, 2),
+                      "bare_tokens_per_s": None if bare_rate is None else round(bare_rate),
+                      "ratio_bare": None if ratio is None else round(ratio, 3),
+                      "peak_memory_gb": round(peak_memory_gb(device), 2)}))
 
 
 if __name__ == "__main__":

@@ -15,11 +15,16 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from bench.baseline import bare_loop  # noqa: E402
 
 
 def _tokens_per_s_from_mlflow(tracking_uri: str, run_id: str, skip: int) -> float:
@@ -27,25 +32,6 @@ def _tokens_per_s_from_mlflow(tracking_uri: str, run_id: str, skip: int) -> floa
 
     history = sorted(MlflowClient(tracking_uri).get_metric_history(run_id, "train/tokens_per_s"), key=lambda m: m.step)
     return statistics.median(m.value for m in history[skip:])
-
-
-def bare_loop(model_config, batches, steps: int, lr: float, skip: int) -> float:
-    from model import GPT
-
-    torch.manual_seed(0)
-    model = GPT(model_config)
-    optimizer = torch.optim.AdamW(model.configure_param_groups(0.1), lr=lr, betas=(0.9, 0.95))
-    rates = []
-    for step in range(steps):
-        batch = batches[step % len(batches)]
-        started = time.perf_counter()
-        _, loss = model(batch.input_ids, batch.targets)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        rates.append(batch.input_ids.numel() / (time.perf_counter() - started))
-    return statistics.median(rates[skip:])
 
 
 def main() -> None:

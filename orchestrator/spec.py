@@ -35,6 +35,16 @@ class ModelSpec(_Strict):
         return {k: v for k, v in self.model_dump(exclude={"preset"}).items() if v is not None}
 
 
+# DeepSpeed config keys that TrainSpec fields own: a raw override would silently disagree with them.
+DEEPSPEED_KEYS_FROM_FIELDS = {
+    "train_micro_batch_size_per_gpu": "micro_batch_size", "train_batch_size": "micro_batch_size",
+    "gradient_accumulation_steps": "grad_accum_steps", "gradient_clipping": "grad_clip",
+    "zero_optimization.stage": "zero_stage", "zero_optimization.offload_optimizer": "offload_optimizer",
+    "zero_optimization.offload_param": "offload_params", "bf16": "precision", "fp16": "precision",
+    "optimizer": "lr", "scheduler": "lr",
+}
+
+
 class TrainSpec(_Strict):
     max_steps: int = Field(default=100, ge=1, description="optimizer steps")
     micro_batch_size: int = Field(default=8, ge=1, description="sequences per worker per micro-step")
@@ -63,6 +73,9 @@ class TrainSpec(_Strict):
     data_interleave: int = Field(
         default=16, ge=1, description="shards interleaved per window of the global data order; "
                                       "a multiple of cluster.num_workers means no shard is read by two ranks")
+    deepspeed: dict[str, Any] = Field(
+        default_factory=dict, description="extra DeepSpeed config merged over the one built from these fields "
+                                          "(e.g. zero_optimization.reduce_bucket_size, torch_autocast)")
 
     @model_validator(mode="after")
     def _lr_order(self) -> "TrainSpec":
@@ -72,6 +85,11 @@ class TrainSpec(_Strict):
             raise ValueError("offload_params needs zero_stage 3")
         if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3")
+        for path, field_name in DEEPSPEED_KEYS_FROM_FIELDS.items():
+            section, _, key = path.partition(".")
+            value = self.deepspeed.get(section)
+            if (key and isinstance(value, dict) and key in value) or (not key and value is not None):
+                raise ValueError(f"deepspeed.{path} is set from train.{field_name}; set that field instead")
         return self
 
 

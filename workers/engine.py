@@ -38,7 +38,18 @@ def deepspeed_config(train: TrainSpec) -> dict[str, Any]:
         config["bf16"] = {"enabled": True}
     elif train.precision == "fp16":
         config["fp16"] = {"enabled": True, "initial_scale_power": 16}
-    return config
+    return _merged(config, train.deepspeed)
+
+
+def _merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """`extra` laid over `base`, nested sections merged key by key rather than replaced."""
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merged(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def check_precision(precision: str) -> None:

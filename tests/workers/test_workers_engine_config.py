@@ -38,3 +38,20 @@ def test_fp16_on_cpu_is_a_clear_error():
 def test_mfu_arithmetic():
     assert mfu(6e9, 1e4, 1e14) == pytest.approx(0.6)
     assert mfu(6e9, 1e4, None) is None
+
+
+def test_extra_deepspeed_config_is_merged_section_by_section():
+    config = deepspeed_config(TrainSpec(zero_stage=2, deepspeed={
+        "zero_optimization": {"reduce_bucket_size": 1000, "overlap_comm": True}, "wall_clock_breakdown": True}))
+    assert config["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1000, "overlap_comm": True}
+    assert config["wall_clock_breakdown"] is True
+
+
+@pytest.mark.parametrize("extra, field", [
+    ({"zero_optimization": {"stage": 3}}, "train.zero_stage"),
+    ({"bf16": {"enabled": True}}, "train.precision"),
+    ({"train_micro_batch_size_per_gpu": 4}, "train.micro_batch_size"),
+])
+def test_extra_deepspeed_config_cannot_contradict_a_spec_field(extra, field):
+    with pytest.raises(SpecError, match=rf"deepspeed\..* is set from {field}"):
+        parse_spec({"kind": "pretrain", "name": "a", "data": "d", "train": {"deepspeed": extra}})
