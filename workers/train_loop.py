@@ -20,7 +20,8 @@ import torch.distributed as dist
 from model import GPT, GPTConfig, GPTTokenizer, load_pretrained
 from orchestrator.spec import TrainSpec
 from workers import storage
-from workers.checkpointing import SERVING_FILES, TrainerState, restore_checkpoint, save_checkpoint
+from workers.best_copy import BestCopy
+from workers.checkpointing import TrainerState, restore_checkpoint, save_checkpoint
 from workers.data import (Batch, DataStats, GlobalOrder, data_position, eval_batches, samples_consumed,
                           start_sample_from, train_batches_global)
 from workers.engine import build_engine
@@ -278,6 +279,7 @@ def run_worker(job: WorkerJob, hooks) -> TrainerState:
     tracker = RunLogger(job.tracking_uri, job.run_id, enabled=(rank == 0))
     monitor = _start_system_metrics(job, enabled=(rank == 0 and job.extra.get("system_metrics", True)))
     fault = _Fault(job.extra.get("debug", {}), job.extra.get("fault_marker"), rank)
+    best_copy = BestCopy(job.extra["best_uri"]) if rank == 0 and job.extra.get("best_uri") else None
     # Global data order (workers/data_global.py): rank r of W takes every W-th row of one
     # W-independent sequence; the position is the number of global samples consumed.
     manifest = load_manifest(job.data_uri)
@@ -335,21 +337,24 @@ def run_worker(job: WorkerJob, hooks) -> TrainerState:
             run_eval()
         if state.step % train.checkpoint_every == 0 or last:
             tracker.flush()
-            _checkpoint(job, engine, train, model_config, tokenizer, state, hooks, train_loss)
+            _checkpoint(engine, train, model_config, tokenizer, state, hooks, train_loss, best_copy)
         fault.maybe_fire(state.step)
         if fault.step_delay_s:
             time.sleep(fault.step_delay_s)
     if hasattr(stream, "close"):
         stream.close()
+    if best_copy is not None:
+        best_copy.close()
     tracker.close()
     if monitor is not None:
         monitor.finish()
     return state
 
 
-def _checkpoint(job: WorkerJob, engine, train: TrainSpec, model_config: GPTConfig, tokenizer: GPTTokenizer,
-                state: TrainerState, hooks, train_loss: float) -> None:
-    """Save this rank's part locally, keep a copy of the best weights, hand the rest to Ray."""
+def _checkpoint(engine, train: TrainSpec, model_config: GPTConfig, tokenizer: GPTTokenizer,
+                state: TrainerState, hooks, train_loss: float, best_copy: BestCopy | None) -> None:
+    """Save this rank's part locally, start the best-weights copy, hand the rest to Ray (both upload
+    in the background)."""
     rank = hooks.rank
     local = tempfile.mkdtemp(prefix="gptctl-ckpt-")  # Ray deletes it once the upload is done
     improved = state.val_loss is not None and (state.best_val_loss is None or state.val_loss < state.best_val_loss)
@@ -357,10 +362,8 @@ def _checkpoint(job: WorkerJob, engine, train: TrainSpec, model_config: GPTConfi
         state.best_val_loss = state.val_loss
     save_checkpoint(local, engine, zero_stage=train.zero_stage, model_config=model_config,
                     tokenizer=tokenizer, state=state, is_rank_zero=(rank == 0))
-    if improved and rank == 0 and job.extra.get("best_uri"):
-        # the best weights outlive keep_last rotation: serving files only, no optimizer state
-        for name in SERVING_FILES:
-            storage.upload_file(str(Path(local, name)), storage.join(job.extra["best_uri"], name))
+    if improved and best_copy is not None:
+        best_copy.submit(local)  # the best weights outlive keep_last rotation: serving files only
     report = {"step": state.step, "train/loss": train_loss}
     if state.val_loss is not None:
         report["val/loss"] = state.val_loss
