@@ -9,7 +9,7 @@ from pathlib import Path
 
 from model import GPTConfig, GPTTokenizer, config_from_preset
 from orchestrator.ray_runtime import checkpoint_uri, ensure_ray, forwarded_env, train_storage
-from orchestrator.registry import register_checkpoint, set_aliases
+from orchestrator.registry import register_and_move_aliases
 from orchestrator.runs import JobRun, resolve_tracking_uri
 from orchestrator.spec import FinetuneSpec, PretrainSpec
 from workers import storage
@@ -174,6 +174,12 @@ def run_training(prepared: PreparedJob, address: str | None = None, on_run=print
 
     ensure_ray(address)
     storage_path, filesystem = train_storage(spec.storage_path)
+    model_name = spec.tracking.registered_model or spec.name
+    callbacks = []
+    if spec.tracking.register == "every_checkpoint":
+        from orchestrator.registry_callback import RegisterEachCheckpoint
+
+        callbacks.append(RegisterEachCheckpoint(job.run_id, model_name, job.tracking_uri, job.extra["env"]))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=job.to_dict(),
@@ -183,6 +189,7 @@ def run_training(prepared: PreparedJob, address: str | None = None, on_run=print
             name=spec.name, storage_path=storage_path, storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=spec.cluster.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_last),
+            callbacks=callbacks,
         ),
     )
     try:
@@ -194,12 +201,10 @@ def run_training(prepared: PreparedJob, address: str | None = None, on_run=print
         tracker.close(job.run_id, succeeded=False)
         raise JobFailed(f"job {spec.name} finished without a checkpoint")
     uri = checkpoint_uri(result.checkpoint)
-    model_name = spec.tracking.registered_model or spec.name
     state = json.loads(storage.read_text(storage.join(uri, "trainer_state.json")))
     version = None
     try:
-        version = register_checkpoint(job.run_id, uri, model_name, job.tracking_uri)
-        set_aliases(tracker.client, model_name, version, state.get("val_loss"))
+        version = register_and_move_aliases(job.run_id, uri, model_name, job.tracking_uri, state.get("val_loss"))
         tracker.client.set_tag(job.run_id, "gptctl.checkpoint", uri)
         tracker.close(job.run_id, succeeded=True)
     except Exception as error:  # noqa: BLE001 - the checkpoint is safe; tracking must not fail the job

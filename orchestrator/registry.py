@@ -89,6 +89,37 @@ def _tag_loss(version) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
+CHECKPOINT_TAG = "gptctl.checkpoint"
+
+
+def register_and_move_aliases(run_id: str, checkpoint_uri: str, model_name: str, tracking_uri: str,
+                              val_loss: float | None) -> int:
+    """The checkpoint's version (registered now unless one already carries its URI), aliases moved.
+
+    Idempotent per checkpoint URI: the controller's end-of-job call finds the version the
+    per-checkpoint callback already made."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    existing = [v for v in _all_versions_or_none(client, model_name) if (v.tags or {}).get(CHECKPOINT_TAG) == checkpoint_uri]
+    if existing:
+        version = int(existing[0].version)
+    else:
+        version = register_checkpoint(run_id, checkpoint_uri, model_name, tracking_uri)
+        client.set_model_version_tag(model_name, str(version), CHECKPOINT_TAG, checkpoint_uri)
+    set_aliases(client, model_name, version, val_loss)
+    return version
+
+
+def _all_versions_or_none(client, model_name: str) -> list:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return _all_versions(client, model_name)
+    except MlflowException:  # no registered model of that name yet
+        return []
+
+
 def set_aliases(client, model_name: str, version: int | str, val_loss: float | None) -> dict[str, int]:
     """Record `val_loss` on the version (tag gptctl.val_loss) and move the aliases.
 

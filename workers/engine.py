@@ -14,7 +14,7 @@ class PrecisionError(ValueError):
     """The requested precision cannot run on this accelerator."""
 
 
-def deepspeed_config(train: TrainSpec) -> dict[str, Any]:
+def deepspeed_config(train: TrainSpec, world_size: int | None = None) -> dict[str, Any]:
     """ZeRO config for one worker. LR is set by the loop each step (see workers.schedule)."""
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
@@ -25,6 +25,10 @@ def deepspeed_config(train: TrainSpec) -> dict[str, Any]:
         "wall_clock_breakdown": False,
     }
     zero = config["zero_optimization"]
+    if train.zero_stage == 2 and world_size == 1:
+        # one worker owns every gradient: copying them into a contiguous partition buffer first
+        # only costs time (~4 % of a step on the CPU benchmark)
+        zero["contiguous_gradients"] = False
     if train.zero_stage == 3:
         # lets rank 0 write one consolidated safetensors file without a separate merge step
         zero["stage3_gather_16bit_weights_on_model_save"] = True
@@ -87,8 +91,11 @@ def build_engine(model: GPT, train: TrainSpec):
         model.configure_param_groups(train.weight_decay), lr=train.lr, betas=tuple(train.betas),
         fused=on_cuda and not train.offload_optimizer,  # one kernel for the whole update on GPUs
     )
+    import torch.distributed as dist
+
+    world_size = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
     engine, optimizer, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=deepspeed_config(train)
+        model=model, optimizer=optimizer, config=deepspeed_config(train, world_size)
     )
     if train.compile:
         engine.compile()

@@ -55,3 +55,10 @@ def test_extra_deepspeed_config_is_merged_section_by_section():
 def test_extra_deepspeed_config_cannot_contradict_a_spec_field(extra, field):
     with pytest.raises(SpecError, match=rf"deepspeed\..* is set from {field}"):
         parse_spec({"kind": "pretrain", "name": "a", "data": "d", "train": {"deepspeed": extra}})
+
+
+def test_single_worker_zero2_skips_the_contiguous_gradient_copy():
+    assert deepspeed_config(TrainSpec(zero_stage=2), world_size=1)["zero_optimization"]["contiguous_gradients"] is False
+    assert "contiguous_gradients" not in deepspeed_config(TrainSpec(zero_stage=2), world_size=2)["zero_optimization"]
+    override = TrainSpec(zero_stage=2, deepspeed={"zero_optimization": {"contiguous_gradients": True}})
+    assert deepspeed_config(override, world_size=1)["zero_optimization"]["contiguous_gradients"] is True

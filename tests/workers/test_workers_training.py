@@ -101,6 +101,18 @@ def test_run_metrics_samples_and_best_copy(workdir):
     assert (best / "model.safetensors").is_file() and (best / "trainer_state.json").is_file()
 
 
+def test_each_checkpoint_is_a_model_version_and_best_follows_val_loss(workdir):
+    """checkpoint_every 4 of 8 steps: two versions registered while the job ran, each tagged
+    with its checkpoint and val loss; `best` on the lower loss, MLflow's `latest` on the last."""
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    versions = sorted(client.search_model_versions("name = 'zero2'"), key=lambda v: int(v.version))
+    steps = [json.loads(Path(v.tags["gptctl.checkpoint"], "trainer_state.json").read_text())["step"] for v in versions]
+    assert steps == [4, 8], "one version per checkpoint, in training order"
+    losses = {v.version: float(v.tags["gptctl.val_loss"]) for v in versions}
+    assert client.get_model_version_by_alias("zero2", "best").version == min(losses, key=losses.get)
+    assert client.get_model_version_by_alias("zero2", "latest").version == versions[-1].version
+
+
 @pytest.mark.parametrize("fail_at_step", [6, 4])
 def test_crash_resume_is_bit_identical_and_keeps_one_run(workdir, ray_cluster, fail_at_step):
     """A worker killed mid-run restarts from the last complete checkpoint and ends where an
