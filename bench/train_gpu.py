@@ -53,7 +53,7 @@ def main() -> None:
     default_extensions_dir()
     from model import GPT, config_from_preset
     from model.config import flops_per_token
-    from orchestrator.spec import TrainSpec
+    from workers.train_spec import TrainSpec
     from workers.engine import build_engine, ensure_single_process_env
     from workers.metrics import mfu, peak_flops, peak_memory_gb
     from workers.train_loop import optimizer_step

@@ -11,18 +11,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+
+from workers.train_spec import StrictModel, TrainSpec
 
 
 class SpecError(ValueError):
     """A job spec that cannot run; the message names the file and field."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class ModelSpec(_Strict):
+class ModelSpec(StrictModel):
     """Which GPT to build. `preset` picks the sizes; the other fields override it."""
 
     preset: str = "tiny"
@@ -35,72 +33,14 @@ class ModelSpec(_Strict):
         return {k: v for k, v in self.model_dump(exclude={"preset"}).items() if v is not None}
 
 
-# DeepSpeed config keys that TrainSpec fields own: a raw override would silently disagree with them.
-DEEPSPEED_KEYS_FROM_FIELDS = {
-    "train_micro_batch_size_per_gpu": "micro_batch_size", "train_batch_size": "micro_batch_size",
-    "gradient_accumulation_steps": "grad_accum_steps", "gradient_clipping": "grad_clip",
-    "zero_optimization.stage": "zero_stage", "zero_optimization.offload_optimizer": "offload_optimizer",
-    "zero_optimization.offload_param": "offload_params", "bf16": "precision", "fp16": "precision",
-    "optimizer": "lr", "scheduler": "lr",
-}
-
-
-class TrainSpec(_Strict):
-    max_steps: int = Field(default=100, ge=1, description="optimizer steps")
-    micro_batch_size: int = Field(default=8, ge=1, description="sequences per worker per micro-step")
-    grad_accum_steps: int = Field(default=1, ge=1)
-    lr: float = Field(default=3e-4, gt=0)
-    min_lr: float = Field(default=3e-5, ge=0)
-    warmup_steps: int = Field(default=10, ge=0)
-    weight_decay: float = Field(default=0.1, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = Field(default=1.0, ge=0)
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    zero_stage: Literal[0, 1, 2, 3] = 2
-    offload_optimizer: bool = Field(default=False, description="ZeRO 1-3: optimizer state in CPU memory")
-    offload_params: bool = Field(default=False, description="ZeRO 3: parameters in CPU memory")
-    activation_checkpointing: bool = Field(default=False, description="recompute block activations in backward")
-    compile: bool = Field(default=False, description="torch.compile the model")
-    eval_every: int = Field(default=50, ge=1, description="steps between validation passes")
-    eval_batches: int = Field(default=4, ge=1)
-    log_every: int = Field(default=1, ge=1)
-    checkpoint_every: int = Field(default=50, ge=1)
-    keep_last: int = Field(default=3, ge=1, description="checkpoints kept besides the best (by val loss)")
-    samples_at_eval: int = Field(default=2, ge=0, description="generated samples logged to MLflow per eval")
-    seed: int = 0
-    on_corrupt: Literal["raise", "skip"] = Field(
-        default="raise", description="a shard failing its sha256/row check: stop the job, or skip it (counted in data/*)")
-    data_interleave: int = Field(
-        default=16, ge=1, description="shards interleaved per window of the global data order; "
-                                      "a multiple of cluster.num_workers means no shard is read by two ranks")
-    deepspeed: dict[str, Any] = Field(
-        default_factory=dict, description="extra DeepSpeed config merged over the one built from these fields "
-                                          "(e.g. zero_optimization.reduce_bucket_size, torch_autocast)")
-
-    @model_validator(mode="after")
-    def _lr_order(self) -> "TrainSpec":
-        if self.min_lr > self.lr:
-            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
-        if self.offload_params and self.zero_stage != 3:
-            raise ValueError("offload_params needs zero_stage 3")
-        if self.offload_optimizer and self.zero_stage == 0:
-            raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3")
-        for path, field_name in DEEPSPEED_KEYS_FROM_FIELDS.items():
-            section, _, key = path.partition(".")
-            value = self.deepspeed.get(section)
-            if (key and isinstance(value, dict) and key in value) or (not key and value is not None):
-                raise ValueError(f"deepspeed.{path} is set from train.{field_name}; set that field instead")
-        return self
-
-
-class ClusterSpec(_Strict):
+class ClusterSpec(StrictModel):
     num_workers: int = Field(default=2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(default=1.0, gt=0)
     max_failures: int = Field(default=0, ge=-1, description="-1 retries forever")
 
 
-class TrackingSpec(_Strict):
+class TrackingSpec(StrictModel):
     uri: str | None = Field(default=None, description="MLflow tracking URI; default sqlite:///<cwd>/mlflow.db")
 
     @field_validator("uri", mode="before")
@@ -113,7 +53,7 @@ class TrackingSpec(_Strict):
         default="every_checkpoint", description="which checkpoints become MLflow model versions")
 
 
-class DebugSpec(_Strict):
+class DebugSpec(StrictModel):
     """Fault injection for testing recovery; off unless set."""
 
     fail_at_step: int | None = Field(default=None, ge=1, description="a worker exits once after this step")
@@ -123,7 +63,7 @@ class DebugSpec(_Strict):
                                 "(local storage only)")
 
 
-class _JobBase(_Strict):
+class _JobBase(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
     storage_path: str = Field(default="./runs", description="local dir or s3://bucket/prefix for checkpoints")
     tracking: TrackingSpec = TrackingSpec()
@@ -152,7 +92,7 @@ class FinetuneSpec(_JobBase):
     debug: DebugSpec = DebugSpec()
 
 
-class DeploySpec(_Strict):
+class DeploySpec(StrictModel):
     kind: Literal["deploy"]
     name: str = Field(default="gptctl", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
     checkpoint: str = Field(description="checkpoint dir (local or s3://) or models:/NAME@ALIAS")
@@ -221,7 +161,7 @@ class SpecProblems(ValueError):
         super().__init__("; ".join(f"{path}: {message}" for path, message in problems))
 
 
-class PipelineSpec(_Strict):
+class PipelineSpec(StrictModel):
     kind: Literal["pipeline"]
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
     storage_path: str = Field(default="./runs", description="pipeline state (<storage_path>/<name>/pipeline_state.json)"

@@ -100,7 +100,7 @@ def restore_checkpoint(directory: str | Path, engine, zero_stage: int, world_siz
     workers only the weights are restored (DeepSpeed refreshes its fp32 copies from them) and
     Adam's moments start afresh. ZeRO-3 weights are partitioned too, so it needs the same count.
     """
-    from orchestrator.export import weights_only_deepspeed_loads
+    from workers.safe_loading import weights_only_deepspeed_loads
 
     directory = Path(directory)
     state = TrainerState.read(directory)

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from model import GPT
-from orchestrator.spec import TrainSpec
+from workers.train_spec import TrainSpec
 
 
 class PrecisionError(ValueError):

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from model import GPT, GPTConfig, GPTTokenizer, load_pretrained
-from orchestrator.spec import TrainSpec
+from workers.train_spec import TrainSpec
 from workers import storage
 from workers.best_copy import BestCopy
 from workers.checkpointing import TrainerState, restore_checkpoint, save_checkpoint

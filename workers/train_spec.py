@@ -1,0 +1,74 @@
+"""The `train:` section of a job spec: what one worker needs to know to train.
+
+It lives with the workers (which read it) rather than with the other spec sections in
+orchestrator/spec.py (which embeds it), so workers/ never imports orchestrator/.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class StrictModel(BaseModel):
+    """Unknown fields are errors, so a typo is named instead of silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# DeepSpeed config keys that TrainSpec fields own: a raw override would silently disagree with them.
+DEEPSPEED_KEYS_FROM_FIELDS = {
+    "train_micro_batch_size_per_gpu": "micro_batch_size", "train_batch_size": "micro_batch_size",
+    "gradient_accumulation_steps": "grad_accum_steps", "gradient_clipping": "grad_clip",
+    "zero_optimization.stage": "zero_stage", "zero_optimization.offload_optimizer": "offload_optimizer",
+    "zero_optimization.offload_param": "offload_params", "bf16": "precision", "fp16": "precision",
+    "optimizer": "lr", "scheduler": "lr",
+}
+
+
+class TrainSpec(StrictModel):
+    max_steps: int = Field(default=100, ge=1, description="optimizer steps")
+    micro_batch_size: int = Field(default=8, ge=1, description="sequences per worker per micro-step")
+    grad_accum_steps: int = Field(default=1, ge=1)
+    lr: float = Field(default=3e-4, gt=0)
+    min_lr: float = Field(default=3e-5, ge=0)
+    warmup_steps: int = Field(default=10, ge=0)
+    weight_decay: float = Field(default=0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = Field(default=1.0, ge=0)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = Field(default=False, description="ZeRO 1-3: optimizer state in CPU memory")
+    offload_params: bool = Field(default=False, description="ZeRO 3: parameters in CPU memory")
+    activation_checkpointing: bool = Field(default=False, description="recompute block activations in backward")
+    compile: bool = Field(default=False, description="torch.compile the model")
+    eval_every: int = Field(default=50, ge=1, description="steps between validation passes")
+    eval_batches: int = Field(default=4, ge=1)
+    log_every: int = Field(default=1, ge=1)
+    checkpoint_every: int = Field(default=50, ge=1)
+    keep_last: int = Field(default=3, ge=1, description="checkpoints kept besides the best (by val loss)")
+    samples_at_eval: int = Field(default=2, ge=0, description="generated samples logged to MLflow per eval")
+    seed: int = 0
+    on_corrupt: Literal["raise", "skip"] = Field(
+        default="raise", description="a shard failing its sha256/row check: stop the job, or skip it (counted in data/*)")
+    data_interleave: int = Field(
+        default=16, ge=1, description="shards interleaved per window of the global data order; "
+                                      "a multiple of cluster.num_workers means no shard is read by two ranks")
+    deepspeed: dict[str, Any] = Field(
+        default_factory=dict, description="extra DeepSpeed config merged over the one built from these fields "
+                                          "(e.g. zero_optimization.reduce_bucket_size, torch_autocast)")
+
+    @model_validator(mode="after")
+    def _lr_order(self) -> "TrainSpec":
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("offload_params needs zero_stage 3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3")
+        for path, field_name in DEEPSPEED_KEYS_FROM_FIELDS.items():
+            section, _, key = path.partition(".")
+            value = self.deepspeed.get(section)
+            if (key and isinstance(value, dict) and key in value) or (not key and value is not None):
+                raise ValueError(f"deepspeed.{path} is set from train.{field_name}; set that field instead")
+        return self
