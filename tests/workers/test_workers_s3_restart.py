@@ -7,6 +7,7 @@ refuses new ones until the job has failed, then answers again with the objects s
 """
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -39,6 +40,15 @@ def _checkpoint_files(client) -> dict[str, set[str]]:
     return found
 
 
+def _snapshot(client) -> dict | None:
+    """Ray's record of the checkpoints it registered (written only after an upload completed)."""
+    try:
+        body = client.get_object(Bucket=BUCKET, Key=PREFIX + "checkpoint_manager_snapshot.json")["Body"].read()
+    except client.exceptions.NoSuchKey:
+        return None
+    return json.loads(body)
+
+
 def test_endpoint_restart_mid_upload_never_resumes_from_the_partial_checkpoint(s3_endpoint, tmp_path, ray_cluster):
     corpus = write_demo_corpus(tmp_path / "corpus", n_people=20, seed=3)
     prepare_dataset([str(corpus["pretrain"])], str(tmp_path / "data"), vocab_size=300, seq_len=32,
@@ -60,11 +70,13 @@ def test_endpoint_restart_mid_upload_never_resumes_from_the_partial_checkpoint(s
     outage: dict = {}
 
     def restart_during_second_upload() -> None:
+        # once Ray has registered a checkpoint (its snapshot exists) and the next one has begun
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and len(_checkpoint_files(direct)) < 2:
+        while time.monotonic() < deadline and not (_snapshot(direct) and len(_checkpoint_files(direct)) >= 2):
             time.sleep(0.05)
         proxy.cut()
         outage["at_cut"] = _checkpoint_files(direct)
+        outage["registered"] = _snapshot(direct)  # what a resume may pick: nothing written after the cut
         job_over.wait(timeout=120)  # down until the job has given up, then back with the data
         proxy.restore()
 
@@ -79,9 +91,11 @@ def test_endpoint_restart_mid_upload_never_resumes_from_the_partial_checkpoint(s
             finally:
                 job_over.set()
                 watcher.join(timeout=30)
-            assert len(outage.get("at_cut", {})) == 2, "the endpoint went down during the second checkpoint"
+            assert outage.get("registered"), "the endpoint went down after a checkpoint was registered"
+            registered = [r["checkpoint_dir_name"] for r in outage["registered"]["checkpoint_results"]]
+            resume_step = outage["registered"]["latest_checkpoint_result"]["metrics"]["step"]
             partial = [d for d, files in _checkpoint_files(direct).items() if not set(SERVING_FILES) <= files]
-            assert partial, "a half-written checkpoint was left in the bucket"
+            assert partial and not set(partial) & set(registered), "a half-written, unregistered checkpoint is left"
 
             resumed = run_training(prepare_job(parse_spec(spec)), on_run=lambda _: None)
     finally:
@@ -95,5 +109,5 @@ def test_endpoint_restart_mid_upload_never_resumes_from_the_partial_checkpoint(s
     assert [r.info.run_id for r in runs] == [resumed.run_id], "the re-submit continued the same MLflow run"
     logged = [m.step for m in client.get_metric_history(resumed.run_id, "train/loss")]
     assert set(logged) == set(range(1, 13))
-    # resumed from step 4, the last checkpoint whose upload completed: steps 5.. ran twice
-    assert logged.count(5) == 2 and logged.count(4) == 1, sorted(logged)
+    # resumed from the last registered checkpoint: the steps after it ran twice, the ones before once
+    assert logged.count(resume_step + 1) == 2 and logged.count(resume_step) == 1, (resume_step, sorted(logged))
