@@ -34,6 +34,7 @@ for name in ${GPU_STEPS:-train_eager train_compiled zero2 zero1 zero1_b64 zero0 
     train_compiled) step $name 300 $PY bench/train_gpu.py --batch 32 --steps 25 --warmup 8 --compile ;;
     zero2) step $name 150 $PY bench/train_gpu.py $GPT2 --zero-stage 2 ;;  # with the bare baseline
     zero1) step $name 90 $PY bench/train_gpu.py $GPT2 --zero-stage 1 --no-baseline ;;
+    zero2_b64) step $name 120 $PY bench/train_gpu.py --batch 64 --grad-accum 2 --steps 8 --warmup 3 --compile --zero-stage 2 --no-baseline ;;
     zero1_b64) step $name 180 $PY bench/train_gpu.py --batch 64 --grad-accum 2 --steps 8 --warmup 3 --compile --zero-stage 1 ;;
     zero0) step $name 90 $PY bench/train_gpu.py $GPT2 --zero-stage 0 --no-baseline ;;
     zero0_autocast) step $name 90 $PY bench/train_gpu.py $GPT2 --zero-stage 0 --precision fp32 --deepspeed "$AUTOCAST" --no-baseline ;;
