@@ -7,7 +7,7 @@ across a restart; moto would lose them). `upload_bytes_per_s` slows the clientâ†
 direction so an upload is still in flight when the test cuts it.
 
 Hand-written because the usual tool for this (toxiproxy) is a separate Go service; this needs
-sixty lines of sockets and threads.
+a page of sockets and threads.
 """
 from __future__ import annotations
 
@@ -28,7 +28,6 @@ class FaultProxy:
         self.host, self.port = host, free_port(host)
         self.url = f"http://{host}:{self.port}"
         self.upload_bytes_per_s = upload_bytes_per_s
-        self.bytes_up = 0  # clientâ†’server bytes forwarded so far, to see that an upload has started
         self._lock = threading.Lock()
         self._sockets: set[socket.socket] = set()
         self._listener: socket.socket | None = None
@@ -74,7 +73,8 @@ class FaultProxy:
                 continue
             with self._lock:
                 if self._listener is not listener:  # cut while connecting
-                    client.close(), server.close()
+                    client.close()
+                    server.close()
                     return
                 self._sockets.update((client, server))
             threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
@@ -83,10 +83,8 @@ class FaultProxy:
     def _pump(self, source: socket.socket, sink: socket.socket, upload: bool) -> None:
         try:
             while data := source.recv(CHUNK):
-                if upload:
-                    self.bytes_up += len(data)
-                    if self.upload_bytes_per_s:
-                        time.sleep(len(data) / self.upload_bytes_per_s)
+                if upload and self.upload_bytes_per_s:
+                    time.sleep(len(data) / self.upload_bytes_per_s)
                 sink.sendall(data)
         except OSError:
             pass
