@@ -176,7 +176,7 @@ def run_training(prepared: PreparedJob, address: str | None = None, on_run=print
     storage_path, filesystem = train_storage(spec.storage_path)
     model_name = spec.tracking.registered_model or spec.name
     callbacks = []
-    if spec.tracking.register == "every_checkpoint":
+    if spec.tracking.model_versions == "every_checkpoint":
         from orchestrator.registry_callback import RegisterEachCheckpoint
 
         callbacks.append(RegisterEachCheckpoint(job.run_id, model_name, job.tracking_uri, job.extra["env"]))

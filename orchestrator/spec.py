@@ -49,7 +49,7 @@ class TrackingSpec(StrictModel):
         return None if value == "" else value
     experiment: str = "gptctl"
     registered_model: str | None = Field(default=None, description="default: the job name")
-    register: Literal["every_checkpoint", "final"] = Field(
+    model_versions: Literal["every_checkpoint", "final"] = Field(
         default="every_checkpoint", description="which checkpoints become MLflow model versions")
 
 

@@ -48,3 +48,11 @@ def test_example_specs_validate(path):
 
     spec = load_spec(path)
     assert spec.kind == path.stem
+
+
+def test_model_versions_choice_is_checked():
+    base = {"kind": "pretrain", "name": "a", "data": "d"}
+    assert parse_spec(base).tracking.model_versions == "every_checkpoint"
+    assert parse_spec({**base, "tracking": {"model_versions": "final"}}).tracking.model_versions == "final"
+    with pytest.raises(SpecError, match="model_versions"):
+        parse_spec({**base, "tracking": {"model_versions": "sometimes"}})
