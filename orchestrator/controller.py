@@ -9,7 +9,7 @@ from pathlib import Path
 
 from model import GPTConfig, GPTTokenizer, config_from_preset
 from orchestrator.ray_runtime import checkpoint_uri, ensure_ray, forwarded_env, train_storage
-from orchestrator.registry import register_and_move_aliases
+from orchestrator.registry import CHECKPOINT_TAG, register_and_move_aliases
 from orchestrator.runs import JobRun, resolve_tracking_uri
 from orchestrator.spec import FinetuneSpec, PretrainSpec
 from workers import storage
@@ -205,7 +205,7 @@ def run_training(prepared: PreparedJob, address: str | None = None, on_run=print
     version = None
     try:
         version = register_and_move_aliases(job.run_id, uri, model_name, job.tracking_uri, state.get("val_loss"))
-        tracker.client.set_tag(job.run_id, "gptctl.checkpoint", uri)
+        tracker.client.set_tag(job.run_id, CHECKPOINT_TAG, uri)
         tracker.close(job.run_id, succeeded=True)
     except Exception as error:  # noqa: BLE001 - the checkpoint is safe; tracking must not fail the job
         on_run(f"[gptctl] warning: could not register {uri} in MLflow ({error}); "

@@ -45,6 +45,7 @@ from model.hf import (
 )
 from model.tokenizer import TOKENIZER_FILE
 from workers import storage
+from workers.checkpointing import DEEPSPEED_DIR, TRAINER_STATE
 from workers.safe_loading import safe_torch_load, weights_only_deepspeed_loads  # noqa: F401 - re-exported
 
 __all__ = [
@@ -60,8 +61,6 @@ __all__ = [
     "safe_torch_load",
 ]
 
-DEEPSPEED_DIR = "deepspeed"  # as workers/checkpointing.py writes it
-TRAINER_STATE = "trainer_state.json"
 _CHECKPOINT_FILES = (WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE)
 # what an HF GPT-2 directory may hold that import reads; nothing else is downloaded
 _HF_IMPORT_FILES = (CONFIG_FILE, WEIGHTS_FILE, SAFETENSORS_INDEX_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE,

@@ -101,7 +101,7 @@ def register_and_move_aliases(run_id: str, checkpoint_uri: str, model_name: str,
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)
-    existing = [v for v in _all_versions_or_none(client, model_name) if (v.tags or {}).get(CHECKPOINT_TAG) == checkpoint_uri]
+    existing = [v for v in _all_versions(client, model_name) if (v.tags or {}).get(CHECKPOINT_TAG) == checkpoint_uri]
     if existing:
         version = int(existing[0].version)
     else:
@@ -109,15 +109,6 @@ def register_and_move_aliases(run_id: str, checkpoint_uri: str, model_name: str,
         client.set_model_version_tag(model_name, str(version), CHECKPOINT_TAG, checkpoint_uri)
     set_aliases(client, model_name, version, val_loss)
     return version
-
-
-def _all_versions_or_none(client, model_name: str) -> list:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return _all_versions(client, model_name)
-    except MlflowException:  # no registered model of that name yet
-        return []
 
 
 def set_aliases(client, model_name: str, version: int | str, val_loss: float | None) -> dict[str, int]:

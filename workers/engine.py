@@ -5,6 +5,7 @@ import os
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from model import GPT
 from workers.train_spec import TrainSpec
@@ -91,8 +92,6 @@ def build_engine(model: GPT, train: TrainSpec):
         model.configure_param_groups(train.weight_decay), lr=train.lr, betas=tuple(train.betas),
         fused=on_cuda and not train.offload_optimizer,  # one kernel for the whole update on GPUs
     )
-    import torch.distributed as dist
-
     world_size = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
     engine, optimizer, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(train, world_size)
