@@ -77,6 +77,13 @@ def main() -> None:
         "cluster": {"num_workers": 1, "cpus_per_worker": args.threads},
     }
 
+    def prepared_for_timing(job_spec: dict):
+        """The job as every timed path runs it: no eval, no system metrics, the bench's threads."""
+        prepared = prepare_job(parse_spec(job_spec))
+        prepared.worker_job.val_shards = []
+        prepared.worker_job.extra.update({"torch_threads": args.threads, "system_metrics": False})
+        return prepared
+
     # (a) and (b) alternate for --rounds rounds, so a noisy neighbour on a small VM slows both
     from model import GPTConfig
     from orchestrator.runs import JobRun
@@ -88,10 +95,8 @@ def main() -> None:
     bare_rates, worker_rates = [], []
     for round_index in range(args.rounds):
         name = f"bench-worker-{round_index}"
-        job = prepare_job(parse_spec({**spec, "name": name})).worker_job
+        job = prepared_for_timing({**spec, "name": name}).worker_job
         model_config = GPTConfig.from_dict(job.model_config)
-        job.val_shards = []  # no eval inside the timed loop
-        job.extra.update({"torch_threads": args.threads, "system_metrics": False})
         job.run_id = tracker.open(name, "pretrain", "local", {})
         bare_rates.append(bare_loop(model_config, batches, args.steps, 1e-3, args.warmup))
         run_worker(job, LocalHooks())
@@ -104,9 +109,7 @@ def main() -> None:
     from orchestrator.ray_runtime import ensure_ray
 
     ensure_ray()
-    prepared = prepare_job(parse_spec({**spec, "name": "bench-ray"}))
-    prepared.worker_job.val_shards = []
-    prepared.worker_job.extra.update({"torch_threads": args.threads, "system_metrics": False})
+    prepared = prepared_for_timing({**spec, "name": "bench-ray"})
     submitted = time.time()
     result = run_training(prepared, on_run=lambda _: None)
     from mlflow.tracking import MlflowClient
@@ -127,9 +130,7 @@ def main() -> None:
         storage.ensure_bucket("s3://bench-ckpt")
         ckpt_spec = {**spec, "name": "bench-ckpt", "storage_path": "s3://bench-ckpt/runs",
                      "train": {**spec["train"], "checkpoint_every": 5}}
-        prepared = prepare_job(parse_spec(ckpt_spec))
-        prepared.worker_job.val_shards = []
-        prepared.worker_job.extra.update({"torch_threads": args.threads, "system_metrics": False})
+        prepared = prepared_for_timing(ckpt_spec)
         ckpt_run = run_training(prepared, on_run=lambda _: None)
     history = MlflowClient(tracking).get_metric_history(ckpt_run.run_id, "train/tokens_per_s")
     step_s = {m.step: 1 / m.value for m in history if m.step > args.warmup}
