@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from model import GPT, GPTConfig, GPTTokenizer, SamplingParams, generate, load_pretrained, save_pretrained  # noqa: E402
+from model import (GPT, GPTConfig, GPTTokenizer, SamplingParams, generate, load_pretrained, save_pretrained,
+                   use_decode_layout)  # noqa: E402
 from orchestrator.export import export_hf  # noqa: E402
 
 
@@ -74,7 +75,7 @@ def main() -> int:
         _make_checkpoint(ckpt, args)
         export_hf(str(ckpt), str(hf_dir))
         dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-        ours = load_pretrained(ckpt).to(args.device, dtype)
+        ours = use_decode_layout(load_pretrained(ckpt).to(args.device, dtype))  # as serving loads it
         hf = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), local_files_only=True).eval()
         hf = hf.to(args.device, dtype)
 

@@ -71,10 +71,10 @@ def prompt_ids(tokenizer, n: int) -> list[int]:
 def bench_kv_cache(checkpoint: Path, new_tokens: int) -> dict:
     import torch
 
-    from model import GPTTokenizer, SamplingParams, generate, load_pretrained
+    from model import GPTTokenizer, SamplingParams, generate, load_pretrained, use_decode_layout
 
     torch.set_num_threads(THREADS)
-    model = load_pretrained(checkpoint)
+    model = use_decode_layout(load_pretrained(checkpoint))  # as the serving replica loads it
     prompt = prompt_ids(GPTTokenizer.load(checkpoint), 64)
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)  # no stop token: all 256
     generate(model, prompt, SamplingParams(max_new_tokens=8, temperature=0.0))  # warm-up
@@ -92,11 +92,11 @@ def bench_kv_cache(checkpoint: Path, new_tokens: int) -> dict:
 def bench_engine(checkpoint: Path, new_tokens: int = 64) -> dict:
     import torch
 
-    from model import GPTTokenizer, SamplingParams, load_pretrained
+    from model import GPTTokenizer, SamplingParams, load_pretrained, use_decode_layout
     from model.batching import BatchEngine, CollectingSink
 
     torch.set_num_threads(THREADS)
-    model = load_pretrained(checkpoint)
+    model = use_decode_layout(load_pretrained(checkpoint))  # as the serving replica loads it
     prompt = prompt_ids(GPTTokenizer.load(checkpoint), 16)
     out, out_cpu = {}, {}
     for streams, invariant in ((1, True), (16, True), (1, False)):

@@ -6,6 +6,7 @@ nothing, touches no files, and changes no global state.
 
 from model.checkpoint import load_pretrained, save_pretrained
 from model.config import PRESETS, GPTConfig, config_from_preset
+from model.decode_layout import use_decode_layout
 from model.generate import (
     generate,
     iter_generate,
@@ -25,4 +26,5 @@ __all__ = [
     "iter_generate",
     "load_pretrained",
     "save_pretrained",
+    "use_decode_layout",
 ]

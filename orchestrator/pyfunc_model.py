@@ -15,10 +15,10 @@ class GPTTextGenerator(mlflow.pyfunc.PythonModel):
     """A list of prompts in, a list of completions out (greedy unless a temperature is given)."""
 
     def load_context(self, context) -> None:
-        from model import GPTTokenizer, load_pretrained
+        from model import GPTTokenizer, load_pretrained, use_decode_layout
 
         directory = context.artifacts["checkpoint"]
-        self.model = load_pretrained(directory)
+        self.model = use_decode_layout(load_pretrained(directory))
         self.tokenizer = GPTTokenizer.load(directory)
 
     def predict(self, context, model_input: list[str], params: dict[str, Any] | None = None) -> list[str]:

@@ -187,7 +187,7 @@ class GPTServer:
     def __init__(self, checkpoint: str, env: dict[str, str] | None = None, options: dict | None = None):
         import torch
 
-        from model import GPTTokenizer, load_pretrained
+        from model import GPTTokenizer, load_pretrained, use_decode_layout
         from model.batching import BatchEngine
 
         os.environ.update(env or {})
@@ -197,7 +197,7 @@ class GPTServer:
         self.checkpoint = checkpoint
         local = _local_checkpoint(checkpoint)
         device = opts.device if opts.device == "cpu" or torch.cuda.is_available() else "cpu"
-        self.model = load_pretrained(local, device=device).eval()
+        self.model = use_decode_layout(load_pretrained(local, device=device))  # eval mode already
         self.tokenizer = GPTTokenizer.load(local)
         state_path = Path(local, "trainer_state.json")
         state = json.loads(state_path.read_text()) if state_path.is_file() else {}
