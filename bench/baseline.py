@@ -1,7 +1,7 @@
 """The bare PyTorch training loop every training benchmark compares gptctl against.
 
 Kept in one place so the CPU overhead bench and the GPU bench measure the same baseline:
-one process, no DeepSpeed, AdamW (fused on CUDA), gradient clipping, bf16 via autocast on
+one process, no DeepSpeed, fused AdamW (as the worker uses), gradient clipping, bf16 via autocast on
 fp32 weights where asked (the usual nanoGPT-style mixed precision).
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ def bare_loop(model_config, batches: Sequence, steps: int, lr: float, skip: int,
     torch.manual_seed(0)
     model = GPT(model_config).to(device)
     on_cuda = torch.device(device).type == "cuda"
-    optimizer = torch.optim.AdamW(model.configure_param_groups(0.1), lr=lr, betas=(0.9, 0.95), fused=on_cuda)
+    optimizer = torch.optim.AdamW(model.configure_param_groups(0.1), lr=lr, betas=(0.9, 0.95), fused=True)
     forward = torch.compile(model) if compile else model
     autocast = (torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if precision == "bf16"
                 else contextlib.nullcontext())

@@ -85,12 +85,10 @@ def build_engine(model: GPT, train: TrainSpec):
 
     check_precision(train.precision)
     model.activation_checkpointing = train.activation_checkpointing
-    from deepspeed.accelerator import get_accelerator
-
-    on_cuda = get_accelerator().device_name() == "cuda"
+    # fused: one pass over each tensor for the whole update, on CPU as on CUDA. The CPU default
+    # (one tensor at a time, several passes) is ~4x slower on ZeRO's flat fp32 partitions.
     optimizer = torch.optim.AdamW(
-        model.configure_param_groups(train.weight_decay), lr=train.lr, betas=tuple(train.betas),
-        fused=on_cuda and not train.offload_optimizer,  # one kernel for the whole update on GPUs
+        model.configure_param_groups(train.weight_decay), lr=train.lr, betas=tuple(train.betas), fused=True
     )
     world_size = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
     engine, optimizer, _, _ = deepspeed.initialize(

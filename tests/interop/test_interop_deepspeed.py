@@ -67,12 +67,12 @@ def tokenizer():
     return make_tokenizer()
 
 
-def _train_and_save(directory: Path, tokenizer, stage: int, precision: str = "fp32"):
+def _train_and_save(directory: Path, tokenizer, stage: int, precision: str = "fp32", **train):
     """Two optimizer steps, then a checkpoint written the way workers/train_loop writes it."""
     config = tiny_config(tokenizer)
     torch.manual_seed(stage)
     engine, _ = build_engine(GPT(config), TrainSpec(zero_stage=stage, micro_batch_size=2, lr=1e-2,
-                                                    warmup_steps=0, precision=precision))
+                                                    warmup_steps=0, precision=precision, **train))
     for _ in range(2):
         idx = torch.randint(0, tokenizer.vocab_size, (2, 16))
         _, loss = engine(idx, idx)
@@ -104,6 +104,19 @@ def test_consolidate_every_zero_stage(tmp_path, tokenizer, stage):
         assert torch.equal(got[key], tensor.float()), key
     # and it is what the training loop's own consolidated file holds
     assert tensors_equal(out, tmp_path / "ckpt" / "model.safetensors")
+
+
+@pytest.mark.parametrize("stage, offload", [(2, {"offload_optimizer": True}),
+                                           (3, {"offload_optimizer": True, "offload_params": True})],
+                         ids=["zero2-optimizer", "zero3-optimizer-and-params"])
+def test_cpu_offload_trains_and_consolidates(tmp_path, tokenizer, stage, offload):
+    """Offload hands the (fused) torch AdamW CPU fp32 partitions; its update must land in the weights."""
+    torch.manual_seed(stage)  # the initial weights _train_and_save starts from
+    initial = GPT(tiny_config(tokenizer)).state_dict()
+    expected = _train_and_save(tmp_path / "ckpt", tokenizer, stage, **offload)
+    assert not torch.equal(expected["transformer.h.0.attn.c_attn.weight"], initial["transformer.h.0.attn.c_attn.weight"])
+    got = load_file(str(consolidate_deepspeed(str(tmp_path / "ckpt"), str(tmp_path / "out"))))
+    assert all(torch.equal(got[key], tensor.float()) for key, tensor in expected.items())
 
 
 @pytest.mark.parametrize("stage", [0, 2])
