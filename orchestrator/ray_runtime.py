@@ -55,6 +55,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, temp_dir
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     kwargs = {"address": address or "local", "log_to_driver": True}
     if not address:
+        # One machine of our own has no cloud node to be preempted; the watcher would be one more
+        # Python process starting on the job's cores (Ray forwards this to the controller too).
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         # Ray Train's controller actor and Serve's proxy also need a CPU slot: oversubscribe
         # logically on small machines so 2 workers fit on 2 cores.
         kwargs["num_cpus"] = num_cpus or max(os.cpu_count() or 1, 4)

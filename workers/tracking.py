@@ -22,25 +22,31 @@ class RunLogger:
     def __init__(self, tracking_uri: str | None, run_id: str | None, enabled: bool, flush_every: int = 10):
         self.enabled = bool(enabled and run_id)
         self.run_id = run_id
+        self.tracking_uri = tracking_uri
         self.flush_every = flush_every
-        self._pending: list[Any] = []
-        self._client = None
+        self._pending: list[tuple[str, float, int, int]] = []  # (key, value, timestamp ms, step)
+        self._client_instance = None
         if self.enabled:
             # fail fast and keep the metrics for the next flush instead of MLflow's minutes of
             # in-request retries, which would stall the training step
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+
+    @property
+    def _client(self):
+        """Created at the first flush, not before the first step: importing MLflow and opening its
+        store takes ~0.8 s of a fresh worker's start, and step metrics carry their own timestamps."""
+        if self._client_instance is None:
             from mlflow.tracking import MlflowClient
 
-            self._client = MlflowClient(tracking_uri=tracking_uri)
+            self._client_instance = MlflowClient(tracking_uri=self.tracking_uri)
+        return self._client_instance
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if not self.enabled:
             return
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
-        self._pending.extend(Metric(key, float(value), now, step) for key, value in metrics.items())
+        self._pending.extend((key, float(value), now, step) for key, value in metrics.items())
         if len(self._pending) >= self.flush_every * max(len(metrics), 1):
             self.flush()
 
@@ -55,7 +61,7 @@ class RunLogger:
         # MLflow caps a batch at 1000 metrics
         for start in range(0, len(pending), 1000):
             chunk = pending[start : start + 1000]
-            if not self._guarded(lambda: self._client.log_batch(self.run_id, metrics=chunk)):
+            if not self._guarded(lambda: self._client.log_batch(self.run_id, metrics=_as_metrics(chunk))):
                 self._pending = pending[start:] + self._pending
                 return
 
@@ -76,3 +82,9 @@ class RunLogger:
         except Exception as error:  # noqa: BLE001 - tracking must never kill training
             log.warning("MLflow logging failed (training continues): %s", error)
             return False
+
+
+def _as_metrics(values: list[tuple[str, float, int, int]]) -> list:
+    from mlflow.entities import Metric
+
+    return [Metric(key, value, timestamp, step) for key, value, timestamp, step in values]
