@@ -82,7 +82,7 @@ def main() -> None:
         """The job as every timed path runs it: no eval, no system metrics, the bench's threads."""
         prepared = prepare_job(parse_spec(job_spec))
         prepared.worker_job.val_shards = []
-        prepared.worker_job.extra.update({"torch_threads": args.threads, "system_metrics": False})
+        prepared.worker_job.extra.update({"torch_threads": args.threads, "system_metrics_interval_s": 0})
         return prepared
 
     # (a) and (b) alternate for --rounds rounds, so a noisy neighbour on a small VM slows both

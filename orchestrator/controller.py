@@ -151,6 +151,7 @@ def prepare_job(spec: PretrainSpec | FinetuneSpec) -> PreparedJob:
         tracking_uri=resolve_tracking_uri(spec.tracking.uri), parent_run_id=parent_run_id,
         init_from=getattr(spec, "init_from", None),
         extra={"env": forwarded_env(), "debug": spec.debug.model_dump(),
+               "system_metrics_interval_s": spec.tracking.system_metrics_interval_s,
                "fault_marker": storage.join(run_dir, ".fault_injected"), "best_uri": storage.join(run_dir, "best"),
                "trace_dir": storage.join(run_dir, "sample_trace") if spec.debug.trace_samples else None},
     )

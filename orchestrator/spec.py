@@ -51,6 +51,9 @@ class TrackingSpec(StrictModel):
     registered_model: str | None = Field(default=None, description="default: the job name")
     model_versions: Literal["every_checkpoint", "final"] = Field(
         default="every_checkpoint", description="which checkpoints become MLflow model versions")
+    system_metrics_interval_s: float = Field(
+        default=5.0, ge=0, description="seconds between MLflow system-metrics samples (CPU, memory, GPU) "
+        "from rank 0; 0 turns them off")
 
 
 class DebugSpec(StrictModel):

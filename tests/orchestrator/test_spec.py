@@ -56,3 +56,11 @@ def test_model_versions_choice_is_checked():
     assert parse_spec({**base, "tracking": {"model_versions": "final"}}).tracking.model_versions == "final"
     with pytest.raises(SpecError, match="model_versions"):
         parse_spec({**base, "tracking": {"model_versions": "sometimes"}})
+
+
+def test_system_metrics_interval_is_checked():
+    base = {"kind": "pretrain", "name": "a", "data": "d"}
+    assert parse_spec(base).tracking.system_metrics_interval_s == 5.0
+    assert parse_spec({**base, "tracking": {"system_metrics_interval_s": 0}}).tracking.system_metrics_interval_s == 0
+    with pytest.raises(SpecError, match="system_metrics_interval_s"):
+        parse_spec({**base, "tracking": {"system_metrics_interval_s": -1}})

@@ -33,7 +33,8 @@ def workdir(tmp_path_factory) -> Path:
 def _spec(workdir: Path, name: str, **train) -> dict:
     return {
         "kind": "pretrain", "name": name, "data": str(workdir / "data"), "storage_path": str(workdir / "runs"),
-        "tracking": {"uri": f"sqlite:///{workdir / 'mlflow.db'}", "experiment": "training"},
+        "tracking": {"uri": f"sqlite:///{workdir / 'mlflow.db'}", "experiment": "training",
+                     "system_metrics_interval_s": 0.5},  # short jobs: sample often enough to see some
         "model": {"preset": "tiny", "n_layer": 2, "n_head": 2, "n_embd": 32},
         "train": {"max_steps": 8, "micro_batch_size": 4, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2,
                   "eval_every": 4, "eval_batches": 2, "checkpoint_every": 4, "samples_at_eval": 1, **train},
@@ -71,7 +72,10 @@ def _trained_samples(run_dir: Path) -> dict[int, int]:
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_every_zero_stage_trains(workdir, ray_cluster, stage):
-    result = run_training(prepare_job(parse_spec(_spec(workdir, f"zero{stage}", zero_stage=stage))))
+    spec = _spec(workdir, f"zero{stage}", zero_stage=stage)
+    if stage == 2:  # the run test_run_metrics_… reads: long enough for a few system-metrics samples
+        spec["debug"]["step_delay_s"] = 0.25
+    result = run_training(prepare_job(parse_spec(spec)))
     losses = _losses(workdir, result.run_id)
     assert result.step == 8 and len(losses) == 8
     assert losses[-1] < losses[0] - 0.3, losses
@@ -95,6 +99,7 @@ def test_run_metrics_samples_and_best_copy(workdir):
                 "val/loss", "val/perplexity"):
         assert key in run.data.metrics, key
     assert "train/mfu" not in run.data.metrics, "MFU is omitted on CPU"
+    assert any(key.startswith("system/") for key in run.data.metrics), "MLflow system metrics are on"
     samples = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
     assert "samples/step_00000004.txt" in samples and "samples/step_00000008.txt" in samples
     best = workdir / "runs" / "zero2" / "best"
