@@ -6,8 +6,8 @@ Same GPT, batch, sequence length, seed and thread count, in one run:
   ((a) and (b) alternate for --rounds rounds; each figure is the median over rounds)
   (c) the full path: controller → Ray Train (1 worker) → the same worker loop
 Steady-state tokens/s is the median over steps after a warm-up; startup_s is submit → end of the
-first step of a short job like (c) with warm caches (DeepSpeed op compiled, Ray running, (c) done);
-startup_first_job_s is the same for (c) itself, the first job after Ray started.
+first step of (c) with warm caches (DeepSpeed op compiled, Ray running, a two-step job done on
+it); startup_first_job_s is the same for that two-step job, the first after Ray started.
 
     python bench/train_overhead.py [--steps 40] [--threads 2]
 """
@@ -121,11 +121,11 @@ def main() -> None:
         first = min(MlflowClient(tracking).get_metric_history(result.run_id, "train/loss"), key=lambda m: m.step)
         return first.timestamp / 1000 - submitted, result.run_id
 
-    # the first job on a Ray that has just started also competes with Ray's own start-up
-    # (prestarted worker processes booting); startup_s is a later job on the running Ray
-    startup_first_job_s, ray_run_id = submitted_to_first_step({**spec, "name": "bench-ray"})
+    # The first job on a Ray that has just started competes with Ray's own start-up (dashboard,
+    # prestarted worker processes booting): a two-step job first, then (c) on the running Ray.
+    startup_first_job_s, _ = submitted_to_first_step({**spec, "name": "bench-first", "train": {**spec["train"], "max_steps": 2}})
+    startup_s, ray_run_id = submitted_to_first_step({**spec, "name": "bench-ray"})
     ray_rate = _tokens_per_s_from_mlflow(tracking, ray_run_id, args.warmup)
-    startup_s, _ = submitted_to_first_step({**spec, "name": "bench-startup", "train": {**spec["train"], "max_steps": 2}})
 
     # (d) checkpoints to a loopback S3 endpoint every 5 steps: do steps slow down while the
     # background upload of the previous checkpoint is in flight?
