@@ -70,7 +70,7 @@ def main() -> None:
     tracking = f"sqlite:///{work / 'mlflow.db'}"
     spec = {
         "kind": "pretrain", "name": "bench", "data": data, "storage_path": str(work / "runs"),
-        "tracking": {"uri": tracking, "experiment": "bench"},
+        "tracking": {"uri": tracking, "experiment": "bench", "system_metrics_interval_s": 0},
         "model": {"preset": "tiny", "n_layer": args.n_layer, "n_head": 4, "n_embd": args.n_embd},
         "train": {"max_steps": args.steps, "micro_batch_size": args.batch, "lr": 1e-3, "min_lr": 1e-3,
                   "warmup_steps": 0, "eval_every": 10**6, "checkpoint_every": 10**6, "samples_at_eval": 0,
@@ -82,7 +82,7 @@ def main() -> None:
         """The job as every timed path runs it: no eval, no system metrics, the bench's threads."""
         prepared = prepare_job(parse_spec(job_spec))
         prepared.worker_job.val_shards = []
-        prepared.worker_job.extra.update({"torch_threads": args.threads, "system_metrics_interval_s": 0})
+        prepared.worker_job.extra["torch_threads"] = args.threads
         return prepared
 
     # (a) and (b) alternate for --rounds rounds, so a noisy neighbour on a small VM slows both

@@ -27,16 +27,14 @@ def use_decode_layout(model: nn.Module) -> nn.Module:
 
     CUDA weights are left alone: cuBLAS reads either layout at full bandwidth.
     """
-    seen: set[int] = set()
     with torch.no_grad():
         for module in model.modules():
             if not isinstance(module, nn.Linear):
                 continue
             weight = module.weight
-            if id(weight) in seen or weight.device.type != "cpu" or is_column_major(weight):
-                continue
-            seen.add(id(weight))
-            weight.data = weight.data.t().contiguous().t()
+            # a weight two modules share is already column-major when the second one is reached
+            if weight.device.type == "cpu" and not is_column_major(weight):
+                weight.data = weight.data.t().contiguous().t()
     return model
 
 
