@@ -69,15 +69,32 @@ def parse_model_uri(uri: str) -> tuple[str, str | None, int | None]:
     return match.group("name"), match.group("alias"), int(version) if version else None
 
 
-def _all_versions(client, model_name: str) -> list:
-    escaped = model_name.replace("'", "\\'")
+def _quoted(value: str) -> str:
+    return "'" + value.replace("'", "\\'") + "'"
+
+
+def _all_versions(client, model_name: str, extra_filter: str = "") -> list:
     versions, token = [], None
     while True:
-        page = client.search_model_versions(f"name = '{escaped}'", max_results=1000, page_token=token)
+        page = client.search_model_versions(f"name = {_quoted(model_name)}{extra_filter}", max_results=1000,
+                                            page_token=token)
         versions.extend(page)
         token = getattr(page, "token", None)
         if not token:
             return versions
+
+
+def _versions_of_checkpoint(client, model_name: str, checkpoint_uri: str) -> list:
+    """A tag search, not a listing: a long job registers a version per checkpoint."""
+    if "'" in checkpoint_uri:  # MLflow's filter syntax has no escape for it: compare here instead
+        return [v for v in _all_versions(client, model_name) if (v.tags or {}).get(CHECKPOINT_TAG) == checkpoint_uri]
+    return _all_versions(client, model_name, f" AND tags.`{CHECKPOINT_TAG}` = '{checkpoint_uri}'")
+
+
+def _newest_version(client, model_name: str) -> int | None:
+    page = client.search_model_versions(f"name = {_quoted(model_name)}", max_results=1,
+                                        order_by=["version_number DESC"])
+    return int(page[0].version) if page else None
 
 
 def _tag_loss(version) -> float | None:
@@ -101,7 +118,7 @@ def register_and_move_aliases(run_id: str, checkpoint_uri: str, model_name: str,
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)
-    existing = [v for v in _all_versions(client, model_name) if (v.tags or {}).get(CHECKPOINT_TAG) == checkpoint_uri]
+    existing = _versions_of_checkpoint(client, model_name, checkpoint_uri)
     if existing:
         version = int(existing[0].version)
     else:
@@ -122,18 +139,44 @@ def set_aliases(client, model_name: str, version: int | str, val_loss: float | N
     run's final val/loss.
     """
     version = int(version)
-    if val_loss is not None and math.isfinite(float(val_loss)):
-        client.set_model_version_tag(model_name, str(version), VAL_LOSS_TAG, repr(float(val_loss)))
-    versions = _all_versions(client, model_name)
-    if not versions:
+    loss = float(val_loss) if val_loss is not None and math.isfinite(float(val_loss)) else None
+    current_best = _version_by_alias(client, model_name, BEST_ALIAS)  # read before re-tagging
+    if loss is not None:
+        client.set_model_version_tag(model_name, str(version), VAL_LOSS_TAG, repr(loss))
+    latest = _newest_version(client, model_name)
+    if latest is None:
         raise RegistryError(f"registered model {model_name!r} has no versions")
-    moved = {LATEST_ALIAS: max(int(v.version) for v in versions)}
-    scored = [(loss, int(v.version)) for v in versions if (loss := _tag_loss(v)) is not None]
-    if scored:
-        moved[BEST_ALIAS] = min(scored)[1]
-    if BEST_ALIAS in moved:
-        client.set_registered_model_alias(model_name, BEST_ALIAS, str(moved[BEST_ALIAS]))
+    moved = {LATEST_ALIAS: latest}
+    best = _best_after(client, model_name, current_best, version, loss)
+    if best is not None:
+        moved[BEST_ALIAS] = best
+        client.set_registered_model_alias(model_name, BEST_ALIAS, str(best))
     return moved
+
+
+def _version_by_alias(client, model_name: str, alias: str):
+    try:
+        return client.get_model_version_by_alias(model_name, alias)
+    except Exception:  # noqa: BLE001 - MLflow's error for a missing alias differs by store
+        return None
+
+
+def _best_after(client, model_name: str, current, version: int, loss: float | None) -> int | None:
+    """The `best` version once `version` carries `loss` (None: no finite loss); `current` is the
+    `best` version as it was before.
+
+    One lookup per checkpoint rather than a listing of every version: the new loss is compared
+    with the previous `best` alone. Every version is compared only where that cannot answer: no
+    `best` yet (the model's first loss, or an alias removed by hand), or the best version itself
+    re-tagged with a different loss."""
+    current_loss = _tag_loss(current) if current is not None else None
+    if loss is None:
+        return int(current.version) if current_loss is not None else None
+    if current_loss is None or (int(current.version) == version and loss != current_loss):
+        scored = [(tagged, int(v.version)) for v in _all_versions(client, model_name)
+                  if (tagged := _tag_loss(v)) is not None]
+        return min(scored)[1] if scored else None
+    return min((current_loss, int(current.version)), (loss, version))[1]
 
 
 @dataclass

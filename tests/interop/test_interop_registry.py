@@ -14,6 +14,7 @@ from orchestrator.registry import (
     RegistryError,
     list_model_versions,
     parse_model_uri,
+    register_and_move_aliases,
     register_checkpoint,
     resolve_model_uri,
     set_aliases,
@@ -67,6 +68,36 @@ def test_aliases_move_as_versions_are_registered(tracking):
     rows = {r.version: r for r in list_model_versions(client, "aliases")}
     assert rows[7].aliases == ["best", "latest"] and rows[7].val_loss == 1.2
     assert rows[4].val_loss == 3.25, "untagged version falls back to its run's val/loss"
+
+
+def test_best_is_rescored_when_the_best_version_gets_another_loss(tracking):
+    """`best` is kept by comparing with the current best alone; re-tagging that version compares all."""
+    uri, run_id = tracking
+    client = MlflowClient(uri)
+    client.create_registered_model("rescored")
+    first, second = (client.create_model_version("rescored", source="file:///nowhere", run_id=run_id).version
+                     for _ in range(2))
+    assert set_aliases(client, "rescored", first, 1.0)["best"] == 1
+    assert set_aliases(client, "rescored", second, 2.0)["best"] == 1
+    assert set_aliases(client, "rescored", second, None)["best"] == 1, "no loss: best stays"
+    assert set_aliases(client, "rescored", first, 3.0)["best"] == 2, "the best version got worse: rescored"
+    assert client.get_registered_model("rescored").aliases == {"best": 2}
+
+
+def test_register_and_move_aliases_finds_the_checkpoints_version(tracking, checkpoint, tmp_path):
+    """Idempotent per checkpoint URI: found by a tag search (by a listing where the URI has a quote)."""
+    uri, run_id = tracking
+    versions = []
+    for directory in ("step-2", "it's-step-4"):
+        source = tmp_path / directory
+        source.mkdir()
+        for name in ("model.safetensors", "config.json", "tokenizer.json"):
+            (source / name).write_bytes((checkpoint / name).read_bytes())
+        (source / "trainer_state.json").write_text(json.dumps({"job_name": "t", "kind": "pretrain", "step": 2}))
+        versions.append(register_and_move_aliases(run_id, str(source), "idempotent-gpt", uri, 2.0))
+        assert register_and_move_aliases(run_id, str(source), "idempotent-gpt", uri, 2.0) == versions[-1]
+    assert versions == [1, 2]
+    assert len(MlflowClient(uri).search_model_versions("name = 'idempotent-gpt'")) == 2
 
 
 @pytest.fixture(scope="module")
