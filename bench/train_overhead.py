@@ -9,8 +9,8 @@ Same GPT, batch, sequence length, seed and thread count, in one run:
       slow stretch of a noisy VM hits both; ratio_ray_quiet compares with (a) instead
   (d) a checkpoint upload in flight: the machine's last core plays the head node and the S3
       server (driver, Ray's daemons and Ray Train's controller, which registers each checkpoint
-      in MLflow), the other cores the worker node; the step right after each checkpoint is
-      compared with the steps of the same job without checkpoints
+      in MLflow), the other cores the worker node; the steps of jobs with a checkpoint every 5
+      steps are compared with those of jobs without (mean, median, slowest step)
 Steady-state tokens/s is the median over steps after a warm-up; startup_s is submit → end of the
 first step of (c) with warm caches (DeepSpeed op compiled, Ray running, a two-step job done on
 it); startup_first_job_s is the same for that two-step job, the first after Ray started.
@@ -20,7 +20,6 @@ it); startup_first_job_s is the same for that two-step job, the first after Ray 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -42,16 +41,6 @@ def _tokens_per_s_from_mlflow(tracking_uri: str, run_id: str, skip: int) -> floa
 
     history = sorted(MlflowClient(tracking_uri).get_metric_history(run_id, "train/tokens_per_s"), key=lambda m: m.step)
     return statistics.median(m.value for m in history[skip:])
-
-
-def _pin_processes(processes, cores: list[int]) -> None:
-    """Every thread of these processes onto `cores` (a thread keeps its own affinity; the threads
-    and processes they start later inherit it)."""
-    for process in processes:
-        with contextlib.suppress(psutil.Error):
-            for thread in process.threads():
-                with contextlib.suppress(OSError):  # a thread that has just exited
-                    os.sched_setaffinity(thread.id, cores)
 
 
 def _wait_until_quiet(limit_s: float = 30.0, busy_fraction: float = 0.1) -> None:
@@ -175,6 +164,7 @@ def main() -> None:
 
     from infra.s3_endpoint import pointed_at, start_moto_server
     from workers import storage
+    from workers.train_loop import pin_threads
 
     cores = sorted(os.sched_getaffinity(0))
     worker_cores, head_cores = cores[:-1] or cores, cores[-1:]
@@ -190,7 +180,8 @@ def main() -> None:
 
     with start_moto_server(log_path=work / "moto.log") as s3, pointed_at(s3.url):
         driver = psutil.Process()
-        _pin_processes([driver, *driver.children(recursive=True)], head_cores)
+        for process in [driver, *driver.children(recursive=True)]:
+            pin_threads(set(head_cores), process.pid)
         storage.ensure_bucket("s3://bench-ckpt")
         quiet_s, ckpt_s = {}, {}  # two alternating rounds each
         for round_index in range(2):

@@ -244,13 +244,18 @@ def _start_system_metrics(job: WorkerJob, interval_s: float):
         return None
 
 
-def _pin_process(cpus: set[int]) -> None:
-    """Keep every thread of this worker (training, uploads, Ray's) on `cpus` (Linux only).
+def pin_threads(cpus: set[int], pid: int | str = "self") -> None:
+    """Move every thread of a process (this one by default) onto `cpus` (Linux only): a thread
+    keeps its own affinity, and the threads and processes it starts later inherit it.
 
     A benchmark knob (`extra["cpu_affinity"]`): with a loopback S3 endpoint on the other cores,
     a checkpoint upload's cost to training is measured as if S3 were another machine.
     """
-    for tid in os.listdir("/proc/self/task"):
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except OSError:  # a process that has just exited
+        return
+    for tid in threads:
         try:
             os.sched_setaffinity(int(tid), cpus)
         except OSError:  # a thread that has just exited
@@ -268,7 +273,7 @@ def run_worker(job: WorkerJob, hooks) -> TrainerState:
     if job.extra.get("torch_threads"):
         torch.set_num_threads(int(job.extra["torch_threads"]))
     if job.extra.get("cpu_affinity"):
-        _pin_process(set(job.extra["cpu_affinity"]))
+        pin_threads(set(job.extra["cpu_affinity"]))
     torch.manual_seed(train.seed)
     tokenizer = GPTTokenizer.from_str(storage.read_text(storage.join(job.data_uri, "tokenizer.json")))
 
