@@ -16,13 +16,15 @@ import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
+import torch.distributed as dist
 
 from model import GPTConfig, GPTTokenizer, save_pretrained
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEEPSPEED_DIR = "deepspeed"
 TRAINER_STATE = "trainer_state.json"
@@ -91,6 +93,20 @@ def save_checkpoint(
         tmp = directory / (TRAINER_STATE + ".tmp")
         tmp.write_text(state.to_json())
         os.replace(tmp, directory / TRAINER_STATE)
+
+
+def read_shared_checkpoint(checkpoint, read: Callable[[str], T]) -> T:
+    """Run `read` on a Ray Train checkpoint's local copy, which every rank on a node shares.
+
+    Ray downloads a remote checkpoint once per node and deletes the copy when its last reader
+    leaves. A rank that finished before a slower rank had entered would delete it under that
+    rank ("Checkpoint directory ... does not exist"), so no rank leaves until every rank has read.
+    """
+    with checkpoint.as_directory() as directory:
+        result = read(directory)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()
+    return result
 
 
 def restore_checkpoint(directory: str | Path, engine, zero_stage: int, world_size: int) -> TrainerState:

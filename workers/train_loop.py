@@ -21,7 +21,7 @@ from model import GPT, GPTConfig, GPTTokenizer, load_pretrained
 from workers.train_spec import TrainSpec
 from workers import storage
 from workers.best_copy import BestCopy
-from workers.checkpointing import TrainerState, restore_checkpoint, save_checkpoint
+from workers.checkpointing import TrainerState, read_shared_checkpoint, restore_checkpoint, save_checkpoint
 from workers.data import (Batch, DataStats, GlobalOrder, data_position, eval_batches, samples_consumed,
                           start_sample_from, train_batches_global)
 from workers.engine import build_engine
@@ -126,7 +126,9 @@ def _load_initial_model(job: WorkerJob) -> GPT:
 def _mean_across_ranks(value: float, weight: float = 1.0) -> float:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return value
-    packed = torch.tensor([value * weight, weight], dtype=torch.float64)
+    # NCCL reduces only CUDA tensors; gloo takes CPU ones
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    packed = torch.tensor([value * weight, weight], dtype=torch.float64, device=device)
     dist.all_reduce(packed)
     return float(packed[0] / max(packed[1], 1e-12))
 
@@ -284,8 +286,8 @@ def run_worker(job: WorkerJob, hooks) -> TrainerState:
                          mlflow_run_id=job.run_id, parent_run_id=job.parent_run_id)
     checkpoint = hooks.latest_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            resumed = restore_checkpoint(directory, engine, train.zero_stage, world_size)
+        resumed = read_shared_checkpoint(
+            checkpoint, lambda directory: restore_checkpoint(directory, engine, train.zero_stage, world_size))
         if resumed.world_size != world_size:
             log.info("resuming with %d workers instead of %d: the global data order continues exactly",
                      world_size, resumed.world_size)
