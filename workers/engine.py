@@ -1,8 +1,10 @@
 """DeepSpeed engine set-up: the one place that turns a TrainSpec into a ZeRO config."""
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any
+import sys
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -59,7 +61,7 @@ def _merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 def check_precision(precision: str) -> None:
     """Fail before the engine starts with a message that names the field."""
-    from deepspeed.accelerator import get_accelerator
+    get_accelerator = import_deepspeed().accelerator.get_accelerator
 
     accelerator = get_accelerator()
     if precision == "fp16" and not accelerator.is_fp16_supported():
@@ -79,9 +81,35 @@ def ensure_single_process_env() -> None:
         os.environ.setdefault(key, value)
 
 
+@contextlib.contextmanager
+def _not_importable(name: str) -> Iterator[None]:
+    """`import name` fails inside the block unless the module is already loaded."""
+    if name in sys.modules:
+        yield
+        return
+    sys.modules[name] = None  # the import system's documented "not importable" marker
+    try:
+        yield
+    finally:
+        if sys.modules.get(name, "") is None:
+            del sys.modules[name]
+
+
+def import_deepspeed():
+    """`import deepspeed`, without the MLflow import its autotuner module makes on the way.
+
+    deepspeed.autotuning tries `import mlflow` at import time (~0.9 s) only to log autotuning
+    experiments, which gptctl never runs; it catches the failure. A worker needs MLflow only on
+    rank 0 and only after its first step, so this keeps ~0.9 s off every worker's start.
+    """
+    with _not_importable("mlflow"):
+        import deepspeed
+    return deepspeed
+
+
 def build_engine(model: GPT, train: TrainSpec):
     """Wrap the GPT in a DeepSpeed engine with a torch AdamW (no FusedAdam compile on CPU)."""
-    import deepspeed
+    deepspeed = import_deepspeed()
 
     check_precision(train.precision)
     model.activation_checkpointing = train.activation_checkpointing

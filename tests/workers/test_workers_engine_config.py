@@ -62,3 +62,16 @@ def test_single_worker_zero2_skips_the_contiguous_gradient_copy():
     assert "contiguous_gradients" not in deepspeed_config(TrainSpec(zero_stage=2), world_size=2)["zero_optimization"]
     override = TrainSpec(zero_stage=2, deepspeed={"zero_optimization": {"contiguous_gradients": True}})
     assert deepspeed_config(override, world_size=1)["zero_optimization"]["contiguous_gradients"] is True
+
+
+def test_a_worker_imports_deepspeed_without_mlflow_and_can_import_mlflow_after():
+    """A fresh worker process: DeepSpeed's autotuner would import MLflow (~0.9 s) on the way."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; from workers.engine import import_deepspeed; import_deepspeed(); "
+             "loaded_early = 'mlflow' in sys.modules; import mlflow.tracking; "
+             "from deepspeed.autotuning import autotuner; "
+             "print(loaded_early, autotuner.has_mlflow, callable(mlflow.tracking.MlflowClient))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.splitlines()[-1].split() == ["False", "False", "True"], out.stdout[-2000:] + out.stderr[-2000:]
