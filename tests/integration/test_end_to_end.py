@@ -4,6 +4,8 @@ Tests run in file order and share one pipeline: shards → pre-train → resume 
 """
 from __future__ import annotations
 
+import signal
+import time
 from pathlib import Path
 
 import httpx
@@ -45,9 +47,22 @@ def test_prepare_shards_into_s3(s3_endpoint, tmp_path_factory):
     assert storage.exists(f"{BUCKET}/shards/pretrain/manifest.json")
 
 
+def _alive_train_controllers() -> list:
+    from ray.util.state import list_actors
+
+    return list_actors(filters=[("class_name", "=", "TrainController"), ("state", "=", "ALIVE")])
+
+
 def test_pretrain_two_workers_zero2_loss_falls(mlflow_server, ray_cluster):
+    ctrl_c_handler = signal.getsignal(signal.SIGINT)
     result = run_training(prepare_job(parse_spec(_pretrain_spec(mlflow_server, max_steps=30))))
     STATE["pretrain"] = result
+    # Ray Train's own Ctrl-C handler would swallow the next Ctrl-C and keep the controller alive
+    assert signal.getsignal(signal.SIGINT) is ctrl_c_handler
+    deadline = time.monotonic() + 30
+    while _alive_train_controllers() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _alive_train_controllers(), "the finished job's controller actor is released"
     assert result.step == 30
     assert result.checkpoint.startswith(f"{BUCKET}/runs/it-pretrain/")
     for name in ("model.safetensors", "config.json", "tokenizer.json", "trainer_state.json"):
