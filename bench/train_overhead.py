@@ -15,7 +15,7 @@ Steady-state tokens/s is the median over steps after a warm-up; startup_s is sub
 first step of (c) with warm caches (DeepSpeed op compiled, Ray running, a two-step job done on
 it); startup_first_job_s is the same for that two-step job, the first after Ray started.
 
-    python bench/train_overhead.py [--steps 40] [--threads 2]
+    python bench/train_overhead.py [--steps 40] [--threads N]  (default: the machine's cores - 1)
 """
 from __future__ import annotations
 
@@ -55,7 +55,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
+    # one core stays with Ray's own processes (raylet, GCS, dashboard, Ray Train's controller and
+    # helper actors: ~10 % of a core together), as a GPU node's CPU does; when training takes every
+    # core they pre-empt one of torch's lock-stepped threads and the other waits (README)
+    parser.add_argument("--threads", type=int, default=max(1, len(os.sched_getaffinity(0)) - 1))
     parser.add_argument("--n-layer", type=int, default=4)
     parser.add_argument("--n-embd", type=int, default=256)
     parser.add_argument("--seq-len", type=int, default=128)
