@@ -35,6 +35,7 @@ import numpy as np
 import webdataset as wds
 
 from workers import storage
+from workers.json_input import json_object
 
 __all__ = [
     "FORMAT",
@@ -141,12 +142,7 @@ class Manifest:
     @classmethod
     def from_json(cls, text: str, source: str = "manifest.json") -> "Manifest":
         """Parse and validate; errors name ``source`` and the offending field."""
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ManifestError(f"{source}: not valid JSON ({exc})") from exc
-        if not isinstance(data, dict):
-            raise ManifestError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        data = json_object(text, source, ManifestError)
         if data.get("format") != FORMAT:
             raise ManifestError(f"{source}: expected \"format\": \"{FORMAT}\", got {data.get('format')!r}")
 

@@ -23,7 +23,6 @@ the response then eos, right-padded with pad; the loss mask is 1 on response tok
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -34,6 +33,7 @@ from tqdm.auto import tqdm
 
 from model.tokenizer import GPTTokenizer
 from workers import storage
+from workers.json_input import json_object
 from workers.shards import MANIFEST_NAME, TOKENIZER_NAME, Manifest, ShardWriter, token_dtype
 
 __all__ = [
@@ -139,12 +139,7 @@ def _jsonl_records(uri: str) -> Iterator[Document | Example]:
         if not line.strip():
             continue
         where = f"{uri}:{lineno}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno}); expected one JSON object per line") from exc
-        if not isinstance(record, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        record = json_object(line, where, DataError, expected="one JSON object per line")
         if "prompt" in record and "response" in record:
             prompt, response = record["prompt"], record["response"]
             if not isinstance(prompt, str) or not isinstance(response, str):

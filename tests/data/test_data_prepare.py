@@ -184,5 +184,5 @@ def test_manifest_errors(tmp_path):
     with pytest.raises(ManifestError, match='expected "format": "gptctl-shards/1"'):
         load_manifest(str(tmp_path))
     (tmp_path / "manifest.json").write_text("{not json")
-    with pytest.raises(ManifestError, match="not valid JSON"):
+    with pytest.raises(ManifestError, match=r"manifest.json: invalid JSON \(.* at line 1, column 2\)"):
         load_manifest(str(tmp_path))
