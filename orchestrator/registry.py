@@ -155,9 +155,15 @@ def set_aliases(client, model_name: str, version: int | str, val_loss: float | N
 
 
 def _version_by_alias(client, model_name: str, alias: str):
+    """The version `alias` points to, or None where it points nowhere.
+
+    Only MLflow's own errors mean that (each store words a missing alias differently); an
+    unreachable server is raised, not mistaken for a missing alias."""
+    from mlflow.exceptions import MlflowException
+
     try:
         return client.get_model_version_by_alias(model_name, alias)
-    except Exception:  # noqa: BLE001 - MLflow's error for a missing alias differs by store
+    except MlflowException:
         return None
 
 
