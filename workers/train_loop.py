@@ -123,11 +123,10 @@ def _load_initial_model(job: WorkerJob) -> GPT:
         return load_pretrained(local)
 
 
-def _mean_across_ranks(value: float, weight: float = 1.0) -> float:
+def _mean_across_ranks(value: float, device: torch.device, weight: float = 1.0) -> float:
+    """`device` is the engine's: NCCL reduces only CUDA tensors, gloo CPU ones."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return value
-    # NCCL reduces only CUDA tensors; gloo takes CPU ones
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
     packed = torch.tensor([value * weight, weight], dtype=torch.float64, device=device)
     dist.all_reduce(packed)
     return float(packed[0] / max(packed[1], 1e-12))
@@ -150,7 +149,7 @@ def evaluate(engine, batches: list[Batch], rank: int, world_size: int) -> float:
         total += float(loss) * weight
         count += weight
     engine.train()
-    mean = _mean_across_ranks(total / count if count else 0.0, count)
+    mean = _mean_across_ranks(total / count if count else 0.0, engine.device, count)
     return mean
 
 
@@ -341,7 +340,7 @@ def run_worker(job: WorkerJob, hooks) -> TrainerState:
         micro_batches += train.grad_accum_steps
         state.data_position = data_position(
             order, samples_consumed(start_sample, micro_batches, world_size, train.micro_batch_size))
-        train_loss = _mean_across_ranks(local_loss)
+        train_loss = _mean_across_ranks(local_loss, engine.device)
         elapsed = time.perf_counter() - started
         metrics = {**data_stats.as_metrics(), "train/loss": train_loss, "train/lr": lr,
                    "train/tokens_per_s": tokens_per_step / elapsed,
