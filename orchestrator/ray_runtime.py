@@ -85,6 +85,12 @@ def train_storage(storage_path: str):
         if os.environ.get("AWS_SESSION_TOKEN"):
             options["session_token"] = os.environ["AWS_SESSION_TOKEN"]
     options["region"] = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"
+    # Ray uploads a checkpoint file in 64 MB chunks on a background thread already. With
+    # pyarrow's own background writes on top, every chunk read ahead of the network waits in
+    # memory (up to the whole checkpoint), and the first upload pays for faulting all that memory
+    # in on the worker's CPU (README, "Checkpoint upload in flight"); blocking writes hold one
+    # chunk and one part, and the upload is no less asynchronous for the training loop.
+    options["background_writes"] = False
     return f"{bucket}/{key}".rstrip("/"), pyarrow.fs.S3FileSystem(**options)
 
 
