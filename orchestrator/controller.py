@@ -196,7 +196,7 @@ def run_training(prepared: PreparedJob, address: str | None = None, on_run=print
     on_run(f"[gptctl] MLflow run {job.run_id}: {tracker.url(job.run_id)}")
 
     ensure_ray(address)
-    storage_path, filesystem = train_storage(spec.storage_path)
+    storage_path, filesystem = train_storage(spec.storage_path, spec.train.checkpoint_upload == "parallel")
     model_name = spec.tracking.registered_model or spec.name
     callbacks = []
     if spec.tracking.model_versions == "every_checkpoint":

@@ -66,8 +66,11 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, temp_dir
     ray.init(**kwargs)
 
 
-def train_storage(storage_path: str):
-    """(path, filesystem) for RunConfig: S3 through pyarrow with the same endpoint as boto3."""
+def train_storage(storage_path: str, parallel_parts: bool = False):
+    """(path, filesystem) for RunConfig: S3 through pyarrow with the same endpoint as boto3.
+
+    `parallel_parts` is the spec's `train.checkpoint_upload: parallel` (see below).
+    """
     if not storage.is_s3(storage_path):
         return str(Path(storage_path).expanduser().resolve()), None
     import pyarrow.fs
@@ -86,11 +89,12 @@ def train_storage(storage_path: str):
             options["session_token"] = os.environ["AWS_SESSION_TOKEN"]
     options["region"] = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"
     # Ray uploads a checkpoint file in 64 MB chunks on a background thread already. With
-    # pyarrow's own background writes on top, every chunk read ahead of the network waits in
-    # memory (up to the whole checkpoint), and the first upload pays for faulting all that memory
-    # in on the worker's CPU (README, "Checkpoint upload in flight"); blocking writes hold one
-    # chunk and one part, and the upload is no less asynchronous for the training loop.
-    options["background_writes"] = False
+    # pyarrow's own background writes on top, parts go out concurrently, but every chunk read
+    # ahead of the network waits in memory (up to the whole checkpoint), and the first upload
+    # pays for faulting all that memory in on the worker's CPU (README, "Checkpoint upload in
+    # flight"). Blocking writes hold one chunk and one part; the upload is no less asynchronous
+    # for the training loop, only slower where a single connection is the bottleneck.
+    options["background_writes"] = parallel_parts
     return f"{bucket}/{key}".rstrip("/"), pyarrow.fs.S3FileSystem(**options)
 
 

@@ -47,6 +47,10 @@ class TrainSpec(StrictModel):
     log_every: int = Field(default=1, ge=1)
     checkpoint_every: int = Field(default=50, ge=1)
     keep_last: int = Field(default=3, ge=1, description="checkpoints kept besides the best (by val loss)")
+    checkpoint_upload: Literal["bounded", "parallel"] = Field(
+        default="bounded", description="uploads to S3: 'bounded' sends one part of a file at a time and holds one "
+                                       "64 MB chunk in memory; 'parallel' sends parts concurrently (faster where one "
+                                       "connection is the limit) but may hold a whole checkpoint in memory")
     samples_at_eval: int = Field(default=2, ge=0, description="generated samples logged to MLflow per eval")
     seed: int = 0
     on_corrupt: Literal["raise", "skip"] = Field(

@@ -64,3 +64,12 @@ def test_system_metrics_interval_is_checked():
     assert parse_spec({**base, "tracking": {"system_metrics_interval_s": 0}}).tracking.system_metrics_interval_s == 0
     with pytest.raises(SpecError, match="system_metrics_interval_s"):
         parse_spec({**base, "tracking": {"system_metrics_interval_s": -1}})
+
+
+def test_checkpoint_upload_mode_defaults_to_bounded_and_names_the_choices():
+    spec = parse_spec({"kind": "pretrain", "name": "a", "data": "d"})
+    assert spec.train.checkpoint_upload == "bounded"
+    assert parse_spec({"kind": "pretrain", "name": "a", "data": "d",
+                       "train": {"checkpoint_upload": "parallel"}}).train.checkpoint_upload == "parallel"
+    with pytest.raises(SpecError, match=r"train\.checkpoint_upload.*'bounded' or 'parallel'"):
+        parse_spec({"kind": "pretrain", "name": "a", "data": "d", "train": {"checkpoint_upload": "fast"}})

@@ -27,11 +27,23 @@ import pyarrow
 import pyarrow.fs
 from orchestrator.ray_runtime import train_storage
 
-path, filesystem = train_storage(sys.argv[2])
+path, filesystem = train_storage(sys.argv[2], parallel_parts=sys.argv[3] == "parallel")
 pyarrow.fs.copy_files(sys.argv[1], path, destination_filesystem=filesystem, use_threads=False,
                       chunk_size=8 << 20)
 print(pyarrow.default_memory_pool().max_memory())
 """
+
+
+def _upload(directory: Path, uri: str, mode: str) -> int:
+    """Upload in a fresh process; pyarrow's peak memory in bytes."""
+    done = subprocess.run([sys.executable, "-c", UPLOAD, str(directory), uri, mode],
+                          cwd=REPO, capture_output=True, text=True, check=True, timeout=120)
+    return int(done.stdout.split()[-1])
+
+
+def _uploaded_digest(key: str) -> bytes:
+    body = boto3.client("s3").get_object(Bucket="upload-memory", Key=key)["Body"].read()
+    return hashlib.sha256(body).digest()
 
 
 def test_checkpoint_upload_holds_a_chunk_not_the_whole_file(s3_endpoint, tmp_path):
@@ -41,12 +53,12 @@ def test_checkpoint_upload_holds_a_chunk_not_the_whole_file(s3_endpoint, tmp_pat
     payload = os.urandom(64 << 20)
     (checkpoint / "model.safetensors").write_bytes(payload)
 
-    done = subprocess.run([sys.executable, "-c", UPLOAD, str(checkpoint), "s3://upload-memory/runs/ckpt"],
-                          cwd=REPO, capture_output=True, text=True, check=True, timeout=120)
-    peak_bytes = int(done.stdout.split()[-1])
-
+    peak_bytes = _upload(checkpoint, "s3://upload-memory/runs/bounded", "bounded")
     # one 8 MB chunk read ahead plus one ~10 MB multipart part; with pyarrow's background writes
     # the chunks read faster than they upload pile up (~64-78 MB for this file)
     assert peak_bytes < 32 << 20, f"upload held {peak_bytes >> 20} MB of a 64 MB file in memory"
-    uploaded = boto3.client("s3").get_object(Bucket="upload-memory", Key="runs/ckpt/model.safetensors")["Body"].read()
-    assert hashlib.sha256(uploaded).digest() == hashlib.sha256(payload).digest()
+    assert _uploaded_digest("runs/bounded/model.safetensors") == hashlib.sha256(payload).digest()
+
+    # train.checkpoint_upload: parallel (pyarrow's background writes) uploads the same bytes
+    _upload(checkpoint, "s3://upload-memory/runs/parallel", "parallel")
+    assert _uploaded_digest("runs/parallel/model.safetensors") == hashlib.sha256(payload).digest()
