@@ -25,7 +25,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-# wall seconds, this process's CPU seconds, and pyarrow's peak pool bytes of one upload
+RAY_CHUNK_BYTES = 64 << 20  # Ray Train's `_pyarrow_fs_copy_files` default
+
+# Ray's upload call: prints wall seconds, this process's CPU seconds, pyarrow's peak pool bytes
 UPLOAD = """
 import resource, sys, time
 import pyarrow
@@ -35,18 +37,20 @@ from orchestrator.ray_runtime import train_storage
 path, filesystem = train_storage(sys.argv[2], parallel_parts=sys.argv[3] == "parallel")
 before, started = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
 pyarrow.fs.copy_files(sys.argv[1], path, destination_filesystem=filesystem, use_threads=False,
-                      chunk_size=64 << 20)
+                      chunk_size=int(sys.argv[4]))
 wall, after = time.perf_counter() - started, resource.getrusage(resource.RUSAGE_SELF)
 cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
 print(wall, cpu, pyarrow.default_memory_pool().max_memory())
 """
 
 
-def upload_once(directory: Path, uri: str, mode: str) -> tuple[float, float, int]:
-    done = subprocess.run([sys.executable, "-c", UPLOAD, str(directory), uri, mode],
+def upload_once(directory: Path, uri: str, mode: str, chunk_bytes: int = RAY_CHUNK_BYTES) -> tuple[float, float, int]:
+    """Upload `directory` to `uri` as Ray Train does, in a fresh process (so pyarrow's memory pool
+    starts empty); (wall seconds, CPU seconds, peak pool bytes). Also used by the bound's test."""
+    done = subprocess.run([sys.executable, "-c", UPLOAD, str(directory), uri, mode, str(chunk_bytes)],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     if done.returncode:
-        raise SystemExit(f"{mode} upload failed:\n{done.stderr[-2000:]}")
+        raise RuntimeError(f"{mode} upload failed:\n{done.stderr[-2000:]}")
     wall, cpu, peak = done.stdout.split()[-3:]
     return float(wall), float(cpu), int(peak)
 
