@@ -7,10 +7,16 @@ PyTorch loop (fused AdamW, bf16 autocast, compiled when --compile is given).
 On a machine without a GPU it runs a tiny preset on the CPU so the script stays exercised.
 
     python bench/train_gpu.py [--preset gpt2] [--batch 16] [--steps 30] [--compile] [--no-baseline]
+                              [--sdpa cudnn] [--profile kernels.txt]
+
+--sdpa pins the attention kernel (both loops) to see whether one beats PyTorch's own choice;
+--profile times 3 more steps under torch.profiler and writes the kernels that took the most
+device time, so a GPU session tells where a step goes, not only how long it takes.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -32,6 +38,34 @@ def synthetic_batches(vocab: int, batch: int, seq_len: int):
         yield Batch(input_ids=rows[:, :-1].contiguous(), targets=rows[:, 1:].contiguous(), loss_mask=None)
 
 
+SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+                 "math": "MATH"}
+
+
+def attention_kernel(name: str):
+    """A context that limits scaled_dot_product_attention to one backend ("auto": PyTorch's choice)."""
+    if name == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([getattr(SDPBackend, SDPA_BACKENDS[name])])
+
+
+def write_kernel_profile(path: str, run_step, gpu: bool, steps: int = 3) -> None:
+    """The operators that took the most device time over `steps` steps (CPU time on a CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    with profile(activities=activities) as profiler:
+        for _ in range(steps):
+            run_step()
+        if gpu:
+            torch.cuda.synchronize()
+    sort_by = "self_cuda_time_total" if gpu else "self_cpu_time_total"
+    Path(path).write_text(profiler.key_averages().table(sort_by=sort_by, row_limit=40, max_name_column_width=90))
+    print(f"kernel profile of {steps} steps → {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--preset", default=None, help="default: gpt2 on GPU, tiny on CPU")
@@ -46,7 +80,15 @@ def main() -> None:
     parser.add_argument("--no-baseline", action="store_true", help="skip the bare PyTorch loop")
     parser.add_argument("--deepspeed", type=json.loads, default={}, metavar="JSON",
                         help="extra DeepSpeed config (the spec's train.deepspeed), e.g. '{\"torch_autocast\": ...}'")
+    parser.add_argument("--sdpa", default="auto", choices=["auto", *SDPA_BACKENDS],
+                        help="attention kernel for both loops (default: PyTorch's choice)")
+    parser.add_argument("--profile", default=None, metavar="PATH", help="write a kernel profile of 3 more steps")
     args = parser.parse_args()
+    with attention_kernel(args.sdpa):
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
 
     from orchestrator.ray_runtime import default_extensions_dir
 
@@ -91,6 +133,8 @@ def main() -> None:
         started = time.perf_counter()
         optimizer_step(engine, optimizer, stream, args.grad_accum, 6e-4)  # returns a synced float
         timings.append(time.perf_counter() - started)
+    if args.profile:
+        write_kernel_profile(args.profile, lambda: optimizer_step(engine, optimizer, stream, args.grad_accum, 6e-4), gpu)
     steady = sorted(timings[args.warmup:])
     step_s = steady[len(steady) // 2]
     tokens_per_s = tokens_per_step / step_s
@@ -100,7 +144,7 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if gpu else "cpu"
     print(f"device {name}; {preset} ({sum(p.numel() for p in engine.module.parameters()) / 1e6:.1f} M params), "
           f"seq {seq_len}, batch {batch}x{args.grad_accum}, {precision}, ZeRO-{args.zero_stage}"
-          f"{', compiled' if args.compile else ''}{f', deepspeed {json.dumps(args.deepspeed)}' if args.deepspeed else ''}")
+          f"{', compiled' if args.compile else ''}{f', deepspeed {json.dumps(args.deepspeed)}' if args.deepspeed else ''}, attention {args.sdpa}")
     print(f"median step {step_s * 1000:.1f} ms → {tokens_per_s:,.0f} tokens/s; "
           f"MFU {'n/a' if utilisation is None else f'{utilisation:.1%}'}; peak memory {peak_memory_gb(device):.1f} GB")
     ratio = None if bare_rate is None else tokens_per_s / bare_rate
@@ -108,7 +152,7 @@ def main() -> None:
         print(f"gptctl worker step / bare PyTorch loop: {ratio:.3f}")
     print(json.dumps({"bench": "train_gpu", "device": name, "preset": preset, "seq_len": seq_len, "batch": batch,
                       "precision": precision, "zero_stage": args.zero_stage, "compile": args.compile,
-                      "grad_accum": args.grad_accum, "deepspeed": args.deepspeed,
+                      "grad_accum": args.grad_accum, "deepspeed": args.deepspeed, "sdpa": args.sdpa,
                       "tokens_per_s": round(tokens_per_s),
                       "mfu": None if utilisation is None else round(utilisation, 4),
                       "step_ms": round(step_s * 1000, 2),
