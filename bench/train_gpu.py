@@ -16,7 +16,6 @@ device time, so a GPU session tells where a step goes, not only how long it take
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import time
@@ -27,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench.baseline import bare_loop  # noqa: E402
+from model.attention import ATTENTION_KERNELS, attention_kernel  # noqa: E402
 
 
 def synthetic_batches(vocab: int, batch: int, seq_len: int):
@@ -36,19 +36,6 @@ def synthetic_batches(vocab: int, batch: int, seq_len: int):
     while True:
         rows = torch.randint(0, vocab, (batch, seq_len + 1), generator=generator)
         yield Batch(input_ids=rows[:, :-1].contiguous(), targets=rows[:, 1:].contiguous(), loss_mask=None)
-
-
-SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
-                 "math": "MATH"}
-
-
-def attention_kernel(name: str):
-    """A context that limits scaled_dot_product_attention to one backend ("auto": PyTorch's choice)."""
-    if name == "auto":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([getattr(SDPBackend, SDPA_BACKENDS[name])])
 
 
 def write_kernel_profile(path: str, run_step, gpu: bool, steps: int = 3) -> None:
@@ -80,8 +67,8 @@ def main() -> None:
     parser.add_argument("--no-baseline", action="store_true", help="skip the bare PyTorch loop")
     parser.add_argument("--deepspeed", type=json.loads, default={}, metavar="JSON",
                         help="extra DeepSpeed config (the spec's train.deepspeed), e.g. '{\"torch_autocast\": ...}'")
-    parser.add_argument("--sdpa", default="auto", choices=["auto", *SDPA_BACKENDS],
-                        help="attention kernel for both loops (default: PyTorch's choice)")
+    parser.add_argument("--sdpa", default="auto", choices=["auto", *ATTENTION_KERNELS],
+                        help="attention kernel for both loops, as train.attention_kernel (default: PyTorch's choice)")
     parser.add_argument("--profile", default=None, metavar="PATH", help="write a kernel profile of 3 more steps")
     args = parser.parse_args()
     with attention_kernel(args.sdpa):
@@ -113,7 +100,7 @@ def run(args: argparse.Namespace) -> None:
     config = config_from_preset(preset, vocab_size=50304, block_size=seq_len)
     train = TrainSpec(micro_batch_size=batch, grad_accum_steps=args.grad_accum, precision=precision,
                       zero_stage=args.zero_stage, compile=args.compile, lr=6e-4, min_lr=6e-5, warmup_steps=0,
-                      deepspeed=args.deepspeed)
+                      attention_kernel=args.sdpa, deepspeed=args.deepspeed)
     stream = synthetic_batches(config.vocab_size, batch, seq_len)
     bare_rate = None
     if not args.no_baseline:

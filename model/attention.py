@@ -2,12 +2,34 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.config import GPTConfig
 from model.kv_cache import KVCache
+
+
+# scaled_dot_product_attention's kernels by the names a job spec uses (train.attention_kernel)
+ATTENTION_KERNELS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+                     "math": "MATH"}
+CUDA_ONLY_KERNELS = ("cudnn", "efficient")
+
+
+def attention_kernel(name: str) -> contextlib.AbstractContextManager:
+    """Limit scaled_dot_product_attention to one kernel inside the block; "auto" leaves PyTorch's choice.
+
+    PyTorch picks by a fixed priority order, which need not be the fastest kernel on a given GPU
+    (cuDNN's may beat FlashAttention-2 on an H100); a training job can name the one it wants. Generation with a KV cache may pass a mask, which
+    CUDA's FlashAttention does not take, so only causal training and eval passes belong in the block.
+    """
+    if name == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([getattr(SDPBackend, ATTENTION_KERNELS[name])])
 
 
 def chunk_causal_mask(n_new: int, n_cached: int, device: torch.device) -> Tensor:

@@ -10,11 +10,16 @@ import torch
 import torch.distributed as dist
 
 from model import GPT
+from model.attention import CUDA_ONLY_KERNELS
 from workers.train_spec import TrainSpec
 
 
 class PrecisionError(ValueError):
     """The requested precision cannot run on this accelerator."""
+
+
+class AttentionKernelError(ValueError):
+    """The requested attention kernel cannot run on this accelerator."""
 
 
 def deepspeed_config(train: TrainSpec, world_size: int | None = None) -> dict[str, Any]:
@@ -74,6 +79,15 @@ def check_precision(precision: str) -> None:
         )
 
 
+def check_attention_kernel(kernel: str) -> None:
+    """Fail before the engine starts, instead of at the first forward with "No available kernel"."""
+    device = import_deepspeed().accelerator.get_accelerator().device_name()
+    if kernel in CUDA_ONLY_KERNELS and device != "cuda":
+        raise AttentionKernelError(
+            f"train.attention_kernel: {kernel} runs only on CUDA GPUs, not on the {device} accelerator; "
+            "use auto, flash or math")
+
+
 def ensure_single_process_env() -> None:
     """Without Ray (GPU benchmarks, one process) DeepSpeed would try MPI discovery; give it env://."""
     for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
@@ -112,6 +126,7 @@ def build_engine(model: GPT, train: TrainSpec):
     deepspeed = import_deepspeed()
 
     check_precision(train.precision)
+    check_attention_kernel(train.attention_kernel)
     model.activation_checkpointing = train.activation_checkpointing
     # fused: one pass over each tensor for the whole update, on CPU as on CUDA. The CPU default
     # (one tensor at a time, several passes) is ~4x slower on ZeRO's flat fp32 partitions.

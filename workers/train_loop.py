@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from model import GPT, GPTConfig, GPTTokenizer, load_pretrained
+from model.attention import attention_kernel
 from workers.train_spec import TrainSpec
 from workers import storage
 from workers.best_copy import BestCopy
@@ -321,7 +322,8 @@ def run_worker(job: WorkerJob, hooks) -> TrainerState:
     peak = peak_flops(engine.device, train.precision)
 
     def run_eval() -> None:
-        state.val_loss = evaluate(engine, val, rank, world_size)
+        with attention_kernel(train.attention_kernel):
+            state.val_loss = evaluate(engine, val, rank, world_size)
         tracker.log_metrics({"val/loss": state.val_loss, "val/perplexity": math.exp(min(state.val_loss, 50))}, state.step)
         if rank == 0 and prompts:
             _log_samples(engine, tokenizer, prompts, tracker, state.step)
@@ -334,7 +336,8 @@ def run_worker(job: WorkerJob, hooks) -> TrainerState:
         started = time.perf_counter()
         lr = lr_at(state.step, max_lr=train.lr, min_lr=train.min_lr,
                    warmup_steps=train.warmup_steps, max_steps=train.max_steps)
-        local_loss = optimizer_step(engine, optimizer, stream, train.grad_accum_steps, lr)
+        with attention_kernel(train.attention_kernel):  # not around generation: it passes masks
+            local_loss = optimizer_step(engine, optimizer, stream, train.grad_accum_steps, lr)
         state.step += 1
         state.tokens_seen += tokens_per_step
         micro_batches += train.grad_accum_steps

@@ -42,6 +42,9 @@ class TrainSpec(StrictModel):
     offload_params: bool = Field(default=False, description="ZeRO 3: parameters in CPU memory")
     activation_checkpointing: bool = Field(default=False, description="recompute block activations in backward")
     compile: bool = Field(default=False, description="torch.compile the model")
+    attention_kernel: Literal["auto", "flash", "cudnn", "efficient", "math"] = Field(
+        default="auto", description="scaled_dot_product_attention kernel for training and eval passes: 'auto' lets "
+                                    "PyTorch choose; 'cudnn' and 'efficient' need a CUDA GPU")
     eval_every: int = Field(default=50, ge=1, description="steps between validation passes")
     eval_batches: int = Field(default=4, ge=1)
     log_every: int = Field(default=1, ge=1)

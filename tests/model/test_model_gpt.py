@@ -181,3 +181,43 @@ def test_dropout_only_in_training():
     assert not torch.equal(model(idx)[0], model(idx)[0])
     model.eval()
     assert torch.equal(model(idx)[0], model(idx)[0])
+
+
+@pytest.mark.parametrize("kernel", ["flash", "math"])
+def test_a_pinned_attention_kernel_gives_the_same_loss_and_gradients(kernel):
+    """train.attention_kernel only picks how SDPA computes attention, not what it computes."""
+    from model.attention import attention_kernel
+
+    model = make_model().float().train()
+    seq = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(4))
+    idx, targets = seq[:, :-1], seq[:, 1:]
+
+    def loss_and_grads():
+        model.zero_grad()
+        _, loss = model(idx, targets)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    reference_loss, reference_grads = loss_and_grads()
+    with attention_kernel(kernel):
+        loss, grads = loss_and_grads()
+    torch.testing.assert_close(loss, reference_loss, rtol=1e-5, atol=1e-5)
+    for grad, reference in zip(grads, reference_grads):
+        torch.testing.assert_close(grad, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_a_pinned_attention_kernel_is_the_one_that_runs():
+    from torch.profiler import profile
+
+    from model.attention import attention_kernel
+
+    model = make_model().float()
+    idx = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(5))
+
+    def ops_run(kernel: str) -> set[str]:
+        with attention_kernel(kernel), profile() as profiler:
+            model(idx)
+        return {event.key for event in profiler.key_averages()}
+
+    assert any("flash_attention" in op for op in ops_run("flash"))
+    assert not any("flash_attention" in op for op in ops_run("math"))

@@ -73,3 +73,9 @@ def test_checkpoint_upload_mode_defaults_to_bounded_and_names_the_choices():
                        "train": {"checkpoint_upload": "parallel"}}).train.checkpoint_upload == "parallel"
     with pytest.raises(SpecError, match=r"train\.checkpoint_upload.*'bounded' or 'parallel'"):
         parse_spec({"kind": "pretrain", "name": "a", "data": "d", "train": {"checkpoint_upload": "fast"}})
+
+
+def test_attention_kernel_defaults_to_auto_and_names_the_choices():
+    assert parse_spec({"kind": "pretrain", "name": "a", "data": "d"}).train.attention_kernel == "auto"
+    with pytest.raises(SpecError, match=r"train\.attention_kernel.*'auto', 'flash', 'cudnn', 'efficient' or 'math'"):
+        parse_spec({"kind": "pretrain", "name": "a", "data": "d", "train": {"attention_kernel": "xformers"}})

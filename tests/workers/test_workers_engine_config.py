@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from orchestrator.spec import SpecError, TrainSpec, parse_spec
-from workers.engine import PrecisionError, check_precision, deepspeed_config
+from workers.engine import AttentionKernelError, PrecisionError, check_attention_kernel, check_precision, deepspeed_config
 from workers.metrics import mfu
 
 
@@ -33,6 +33,18 @@ def test_fp16_on_cpu_is_a_clear_error():
     with pytest.raises(PrecisionError, match="train.precision: fp16 is not supported on the cpu accelerator"):
         check_precision("fp16")
     check_precision("fp32")
+
+
+def test_cuda_only_attention_kernels_on_cpu_are_a_clear_error():
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu":
+        pytest.skip("this machine has a CUDA accelerator")
+    for kernel in ("cudnn", "efficient"):
+        with pytest.raises(AttentionKernelError, match=f"train.attention_kernel: {kernel} runs only on CUDA GPUs"):
+            check_attention_kernel(kernel)
+    for kernel in ("auto", "flash", "math"):
+        check_attention_kernel(kernel)
 
 
 def test_mfu_arithmetic():
