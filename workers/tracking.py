@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any
 
 log = logging.getLogger(__name__)
 

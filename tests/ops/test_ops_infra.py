@@ -7,7 +7,6 @@ import re
 import shlex
 from pathlib import Path
 
-import pytest
 import yaml
 
 INFRA = Path(__file__).parents[2] / "infra"
