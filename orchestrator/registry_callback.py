@@ -26,8 +26,10 @@ class RegisterEachCheckpoint(UserCallback):
         from orchestrator.ray_runtime import checkpoint_uri
 
         uri = checkpoint_uri(checkpoint)
+        # MLflow draws a progress bar per artifact download; in a job's log that is only noise
+        env = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", **self.env}
         try:
-            with patched_environ(self.env):
+            with patched_environ(env):
                 version = register_and_move_aliases(self.run_id, uri, self.model_name, self.tracking_uri,
                                                     (metrics[0] if metrics else {}).get("val/loss"))
             print(f"[gptctl] registered {uri} as {self.model_name} version {version}", flush=True)
