@@ -185,6 +185,7 @@ def run_training(prepared: PreparedJob, address: str | None = None, on_run=print
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from orchestrator.stop_on_input_error import StopOnInputError, input_error_of
     from workers.train_loop import train_loop_per_worker
 
     spec, job = prepared.spec, prepared.worker_job
@@ -198,7 +199,7 @@ def run_training(prepared: PreparedJob, address: str | None = None, on_run=print
     ensure_ray(address)
     storage_path, filesystem = train_storage(spec.storage_path, spec.train.checkpoint_upload == "parallel")
     model_name = spec.tracking.registered_model or spec.name
-    callbacks = []
+    callbacks = [StopOnInputError()]
     if spec.tracking.model_versions == "every_checkpoint":
         from orchestrator.registry_callback import RegisterEachCheckpoint
 
@@ -220,6 +221,9 @@ def run_training(prepared: PreparedJob, address: str | None = None, on_run=print
             result = trainer.fit()
     except Exception as error:
         tracker.close(job.run_id, succeeded=False)
+        input_error = input_error_of(error)
+        if input_error is not None:  # retrying would fail the same way: stopped after one attempt
+            raise JobInputError(f"job {spec.name}: {input_error}") from error
         raise JobFailed(f"job {spec.name} failed: {error}") from error
     if result.checkpoint is None:
         tracker.close(job.run_id, succeeded=False)

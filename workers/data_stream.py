@@ -58,6 +58,10 @@ class CorruptShardError(ValueError):
         self.member = member
         self.reason = reason
 
+    def __reduce__(self):
+        """Rebuilt from its fields, so a Ray worker's error reaches the controller as itself."""
+        return CorruptShardError, (self.shard, self.offset, self.member, self.reason)
+
 
 @dataclass
 class DataStats:

@@ -1,0 +1,44 @@
+"""A worker's bad-input error stops the job instead of being retried (the Ray run: tests/workers)."""
+from __future__ import annotations
+
+import pickle
+
+import pytest
+
+from orchestrator.stop_on_input_error import StopOnInputError, WorkerInputError, input_error_of
+from workers.data_stream import CorruptShardError
+from workers.engine import PrecisionError
+from workers.storage import StorageError
+
+
+@pytest.mark.parametrize("error", [
+    PrecisionError("train.precision: fp16 is not supported on the cpu accelerator"),
+    CorruptShardError("s3://b/shard-00001.tar", 1024, "000003", "sha256 mismatch"),
+])
+def test_input_errors_stop_the_job(error):
+    with pytest.raises(WorkerInputError, match=r"worker 1: .*(train\.precision|shard-00001\.tar)"):
+        StopOnInputError().after_exception(None, {0: RuntimeError("peer went away"), 1: error})
+
+
+@pytest.mark.parametrize("error", [RuntimeError("NCCL timeout"), StorageError("s3://b: connection reset"),
+                                   MemoryError()])
+def test_other_errors_are_left_to_max_failures(error):
+    StopOnInputError().after_exception(None, {0: error})  # no raise: Ray Train retries as configured
+
+
+def test_a_corrupt_shard_error_survives_the_trip_from_worker_to_controller():
+    """Ray pickles a worker's exception; a class that cannot be rebuilt would reach the controller
+    as something else and be retried."""
+    error = pickle.loads(pickle.dumps(CorruptShardError("s3://b/s.tar", 7, None, "truncated")))
+    assert isinstance(error, CorruptShardError) and (error.shard, error.offset, error.reason) == ("s3://b/s.tar", 7, "truncated")
+
+
+def test_input_error_of_reads_the_controller_failure():
+    class FitError(Exception):
+        def __init__(self, failure):
+            self.controller_failure = failure
+
+    stop = WorkerInputError("worker 0: bad")
+    assert input_error_of(FitError(stop)) is stop
+    assert input_error_of(FitError(ValueError("other"))) is None
+    assert input_error_of(RuntimeError("no controller failure")) is None
