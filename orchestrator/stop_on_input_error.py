@@ -20,12 +20,14 @@ def worker_input_errors() -> tuple[type[Exception], ...]:
     Imported when a worker has failed, not when the controller starts (its start-up counts
     toward every job's time to its first step).
     """
+    from workers.checkpointing import ResumeMismatchError
     from workers.data_global import DataPositionError
     from workers.data_stream import CorruptShardError
     from workers.engine import AttentionKernelError, PrecisionError
     from workers.shards import ManifestError
 
-    return PrecisionError, AttentionKernelError, ManifestError, CorruptShardError, DataPositionError
+    return (PrecisionError, AttentionKernelError, ManifestError, CorruptShardError, DataPositionError,
+            ResumeMismatchError)
 
 
 class StopOnInputError(UserCallback):

@@ -109,7 +109,29 @@ def read_shared_checkpoint(checkpoint, read: Callable[[str], T]) -> T:
     return result
 
 
-def restore_checkpoint(directory: str | Path, engine, zero_stage: int, world_size: int) -> TrainerState:
+class ResumeMismatchError(ValueError):
+    """A job's latest checkpoint cannot be continued with the job as now submitted."""
+
+
+# A different dropout trains the same weights on; any other field changes what they mean.
+_FIELDS_A_RESUME_MAY_CHANGE = {"dropout"}
+
+
+def check_same_model(directory: Path, model_config: GPTConfig, job_name: str) -> None:
+    """Resuming a job under its old name with another model would fail deep inside DeepSpeed
+    (or, for n_head, load weights that mean something else): name the fields instead."""
+    saved = json.loads((directory / "config.json").read_text())
+    now = model_config.to_dict()
+    changed = [f"{key} {saved.get(key)} → {now[key]}" for key in now
+               if key not in _FIELDS_A_RESUME_MAY_CHANGE and saved.get(key) != now[key]]
+    if changed:
+        raise ResumeMismatchError(
+            f"model: job {job_name!r} resumes from {directory.name}, a checkpoint of another model "
+            f"({', '.join(changed)}); submit it with the same model, or under a new name to start afresh")
+
+
+def restore_checkpoint(directory: str | Path, engine, zero_stage: int, world_size: int,
+                       model_config: GPTConfig) -> TrainerState:
     """Load engine state (weights, optimizer) and the trainer state written beside it.
 
     ZeRO 1-2 optimizer state is partitioned by data-parallel rank: with a different number of
@@ -120,11 +142,12 @@ def restore_checkpoint(directory: str | Path, engine, zero_stage: int, world_siz
 
     directory = Path(directory)
     state = TrainerState.read(directory)
+    check_same_model(directory, model_config, state.job_name)
     resharded = state.world_size != world_size and zero_stage in (1, 2)
     if state.world_size != world_size and zero_stage == 3:
-        raise RuntimeError(
-            f"{directory}: a ZeRO-3 checkpoint written by {state.world_size} workers cannot resume on "
-            f"{world_size}; resume with cluster.num_workers={state.world_size}"
+        raise ResumeMismatchError(
+            f"cluster.num_workers: {directory.name} is a ZeRO-3 checkpoint written by {state.world_size} "
+            f"workers and cannot resume on {world_size}; resume with cluster.num_workers={state.world_size}"
         )
     if resharded:
         log.warning("resuming a ZeRO-%d checkpoint of %d workers on %d: weights restored, "

@@ -287,7 +287,8 @@ def run_worker(job: WorkerJob, hooks) -> TrainerState:
     checkpoint = hooks.latest_checkpoint()
     if checkpoint is not None:
         resumed = read_shared_checkpoint(
-            checkpoint, lambda directory: restore_checkpoint(directory, engine, train.zero_stage, world_size))
+            checkpoint,
+            lambda directory: restore_checkpoint(directory, engine, train.zero_stage, world_size, model_config))
         if resumed.world_size != world_size:
             log.info("resuming with %d workers instead of %d: the global data order continues exactly",
                      world_size, resumed.world_size)

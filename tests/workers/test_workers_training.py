@@ -102,6 +102,22 @@ def test_a_bad_input_error_on_a_worker_is_not_retried(workdir, ray_cluster):
     assert run.info.status == "FAILED"
 
 
+def test_resuming_a_job_with_another_model_names_the_changed_fields(workdir, ray_cluster):
+    """Resubmitting under the same name resumes; with another model that cannot work, and the job
+    stops at its first attempt with the fields named instead of a DeepSpeed size mismatch."""
+    from orchestrator.controller import JobInputError
+
+    spec = _spec(workdir, "resume-other-model", max_steps=2, checkpoint_every=2)
+    spec["debug"] = {}
+    run_training(prepare_job(parse_spec(spec)))
+    spec["model"] = {**spec["model"], "n_embd": 48}
+    spec["train"]["max_steps"] = 4
+    spec["cluster"]["max_failures"] = 2
+    with pytest.raises(JobInputError, match=r"model: job 'resume-other-model' resumes from checkpoint_\S+, "
+                                             r"a checkpoint of another model \(n_embd 32 → 48\)"):
+        run_training(prepare_job(parse_spec(spec)))
+
+
 def test_zero_stages_agree_on_weights():
     assert set(RESULTS) == {0, 1, 2, 3}, "needs the four stage runs"
     reference = RESULTS[0]
