@@ -6,7 +6,7 @@ import json
 import pytest
 
 from model import GPTConfig
-from workers.checkpointing import ResumeMismatchError, check_same_model
+from workers.checkpointing import ResumeMismatchError, check_same_model, check_same_zero_layout
 
 SAVED = GPTConfig(vocab_size=300, block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
 
@@ -33,3 +33,16 @@ def test_a_changed_head_count_is_named_though_every_shape_would_load(checkpoint)
 def test_every_changed_field_is_named(checkpoint):
     with pytest.raises(ResumeMismatchError, match=r"\(vocab_size 300 → 512, n_layer 2 → 4\)"):
         check_same_model(checkpoint, GPTConfig(**{**SAVED.to_dict(), "vocab_size": 512, "n_layer": 4}), "job")
+
+
+@pytest.mark.parametrize("saved, now", [(1, 2), (2, 1), (2, 2), (None, 3)])
+def test_zero_stages_that_share_a_checkpoint_layout_resume(checkpoint, saved, now):
+    check_same_zero_layout(checkpoint, saved, now, "job")  # None: written before the stage was recorded
+
+
+@pytest.mark.parametrize("saved, now, advice", [(2, 0, "1 or 2"), (0, 2, "0"), (2, 3, "1 or 2"), (3, 1, "3")])
+def test_zero_stages_of_another_layout_are_named(checkpoint, saved, now, advice):
+    with pytest.raises(ResumeMismatchError, match=rf"train.zero_stage: job 'job' resumes from checkpoint_\S+, written "
+                                                  rf"under ZeRO-{saved}, which ZeRO-{now} cannot load; resume with "
+                                                  rf"zero_stage {advice},"):
+        check_same_zero_layout(checkpoint, saved, now, "job")

@@ -102,20 +102,24 @@ def test_a_bad_input_error_on_a_worker_is_not_retried(workdir, ray_cluster):
     assert run.info.status == "FAILED"
 
 
-def test_resuming_a_job_with_another_model_names_the_changed_fields(workdir, ray_cluster):
-    """Resubmitting under the same name resumes; with another model that cannot work, and the job
-    stops at its first attempt with the fields named instead of a DeepSpeed size mismatch."""
+def test_resuming_a_job_with_another_model_or_zero_layout_names_the_field(workdir, ray_cluster):
+    """Resubmitting under the same name resumes; with another model, or a ZeRO stage that cannot
+    read the checkpoint, the job stops at its first attempt naming the field (not a DeepSpeed
+    size mismatch, AttributeError or bare assertion)."""
     from orchestrator.controller import JobInputError
 
-    spec = _spec(workdir, "resume-other-model", max_steps=2, checkpoint_every=2)
+    spec = _spec(workdir, "resume-other-model", max_steps=2, checkpoint_every=2, zero_stage=2)
     spec["debug"] = {}
     run_training(prepare_job(parse_spec(spec)))
-    spec["model"] = {**spec["model"], "n_embd": 48}
     spec["train"]["max_steps"] = 4
     spec["cluster"]["max_failures"] = 2
+    other_model = {**spec, "model": {**spec["model"], "n_embd": 48}}
     with pytest.raises(JobInputError, match=r"model: job 'resume-other-model' resumes from checkpoint_\S+, "
                                              r"a checkpoint of another model \(n_embd 32 → 48\)"):
-        run_training(prepare_job(parse_spec(spec)))
+        run_training(prepare_job(parse_spec(other_model)))
+    other_layout = {**spec, "train": {**spec["train"], "zero_stage": 0}}
+    with pytest.raises(JobInputError, match=r"train\.zero_stage: .* written under ZeRO-2, which ZeRO-0 cannot load"):
+        run_training(prepare_job(parse_spec(other_layout)))
 
 
 def test_zero_stages_agree_on_weights():
