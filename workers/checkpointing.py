@@ -43,7 +43,8 @@ class TrainerState:
     tokens_seen: int = 0
     seed: int = 0
     world_size: int = 1
-    zero_stage: int | None = None  # None in checkpoints written before it was recorded
+    zero_stage: int | None = None  # zero_stage and precision: None in checkpoints written before
+    precision: str | None = None   # they were recorded
     # number of micro-batches each rank has consumed from its planned shard stream
     data_position: dict[str, Any] = field(default_factory=lambda: {"batches_consumed": 0})
     mlflow_run_id: str | None = None
@@ -132,26 +133,30 @@ def check_same_model(directory: Path, model_config: GPTConfig, job_name: str) ->
 
 
 # DeepSpeed writes three layouts: stage 0 keeps the optimizer with the weights, stages 1 and 2
-# partition it the same way, stage 3 also partitions the weights. It loads only its own layout.
+# partition it the same way, stage 3 also partitions the weights. It loads only its own layout,
+# and only in the precision it was written in (bf16 and fp16 states are other files).
 _ZERO_LAYOUTS = ({0}, {1, 2}, {3})
 
 
-def check_same_zero_layout(directory: Path, saved_stage: int | None, zero_stage: int, job_name: str) -> None:
-    """Switching between layouts fails inside DeepSpeed with an AttributeError, a missing file or a
-    bare assertion (seen with 0.19): name the field instead."""
-    if saved_stage is None:
-        return
-    layout = next(stages for stages in _ZERO_LAYOUTS if saved_stage in stages)
-    if zero_stage not in layout:
-        loadable = " or ".join(str(stage) for stage in sorted(layout))
+def check_same_engine_layout(directory: Path, saved: TrainerState, zero_stage: int, precision: str) -> None:
+    """Switching layout or precision fails inside DeepSpeed with an AttributeError, a KeyError, a
+    missing file or a bare assertion (seen with 0.19): name the field instead."""
+    where = f"job {saved.job_name!r} resumes from {directory.name}, written under"
+    if saved.zero_stage is not None:
+        layout = next(stages for stages in _ZERO_LAYOUTS if saved.zero_stage in stages)
+        if zero_stage not in layout:
+            loadable = " or ".join(str(stage) for stage in sorted(layout))
+            raise ResumeMismatchError(
+                f"train.zero_stage: {where} ZeRO-{saved.zero_stage}, which ZeRO-{zero_stage} cannot load; resume "
+                f"with zero_stage {loadable}, or submit under a new name to start afresh")
+    if saved.precision is not None and saved.precision != precision:
         raise ResumeMismatchError(
-            f"train.zero_stage: job {job_name!r} resumes from {directory.name}, written under ZeRO-{saved_stage}, "
-            f"which ZeRO-{zero_stage} cannot load; resume with zero_stage {loadable}, or submit under a new name "
-            f"to start afresh")
+            f"train.precision: {where} {saved.precision}, which {precision} cannot load; resume with precision "
+            f"{saved.precision}, or submit under a new name to start afresh")
 
 
 def restore_checkpoint(directory: str | Path, engine, zero_stage: int, world_size: int,
-                       model_config: GPTConfig) -> TrainerState:
+                       model_config: GPTConfig, precision: str) -> TrainerState:
     """Load engine state (weights, optimizer) and the trainer state written beside it.
 
     ZeRO 1-2 optimizer state is partitioned by data-parallel rank: with a different number of
@@ -163,7 +168,7 @@ def restore_checkpoint(directory: str | Path, engine, zero_stage: int, world_siz
     directory = Path(directory)
     state = TrainerState.read(directory)
     check_same_model(directory, model_config, state.job_name)
-    check_same_zero_layout(directory, state.zero_stage, zero_stage, state.job_name)
+    check_same_engine_layout(directory, state, zero_stage, precision)
     resharded = state.world_size != world_size and zero_stage in (1, 2)
     if state.world_size != world_size and zero_stage == 3:
         raise ResumeMismatchError(

@@ -283,17 +283,19 @@ def run_worker(job: WorkerJob, hooks) -> TrainerState:
     model_config = model.config
     engine, optimizer = build_engine(model, train)
     state = TrainerState(job_name=job.job_name, kind=job.kind, seed=train.seed, world_size=world_size,
-                         zero_stage=train.zero_stage, mlflow_run_id=job.run_id, parent_run_id=job.parent_run_id)
+                         zero_stage=train.zero_stage, precision=train.precision, mlflow_run_id=job.run_id,
+                         parent_run_id=job.parent_run_id)
     checkpoint = hooks.latest_checkpoint()
     if checkpoint is not None:
         resumed = read_shared_checkpoint(
             checkpoint,
-            lambda directory: restore_checkpoint(directory, engine, train.zero_stage, world_size, model_config))
+            lambda directory: restore_checkpoint(directory, engine, train.zero_stage, world_size, model_config,
+                                                 train.precision))
         if resumed.world_size != world_size:
             log.info("resuming with %d workers instead of %d: the global data order continues exactly",
                      world_size, resumed.world_size)
         state = resumed
-        state.world_size, state.zero_stage = world_size, train.zero_stage
+        state.world_size, state.zero_stage, state.precision = world_size, train.zero_stage, train.precision
         if rank == 0:
             print(f"[gptctl] resumed {job.job_name} from step {state.step}", flush=True)
 
