@@ -131,7 +131,8 @@ def run(args: argparse.Namespace) -> None:
     name = torch.cuda.get_device_name(device) if gpu else "cpu"
     print(f"device {name}; {preset} ({sum(p.numel() for p in engine.module.parameters()) / 1e6:.1f} M params), "
           f"seq {seq_len}, batch {batch}x{args.grad_accum}, {precision}, ZeRO-{args.zero_stage}"
-          f"{', compiled' if args.compile else ''}{f', deepspeed {json.dumps(args.deepspeed)}' if args.deepspeed else ''}, attention {args.sdpa}")
+          f"{', compiled' if args.compile else ''}{f', deepspeed {json.dumps(args.deepspeed)}' if args.deepspeed else ''}"
+          f", attention {args.sdpa}")
     print(f"median step {step_s * 1000:.1f} ms → {tokens_per_s:,.0f} tokens/s; "
           f"MFU {'n/a' if utilisation is None else f'{utilisation:.1%}'}; peak memory {peak_memory_gb(device):.1f} GB")
     ratio = None if bare_rate is None else tokens_per_s / bare_rate

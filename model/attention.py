@@ -22,8 +22,9 @@ def attention_kernel(name: str) -> contextlib.AbstractContextManager:
     """Limit scaled_dot_product_attention to one kernel inside the block; "auto" leaves PyTorch's choice.
 
     PyTorch picks by a fixed priority order, which need not be the fastest kernel on a given GPU
-    (cuDNN's may beat FlashAttention-2 on an H100); a training job can name the one it wants. Generation with a KV cache may pass a mask, which
-    CUDA's FlashAttention does not take, so only causal training and eval passes belong in the block.
+    (cuDNN's may beat FlashAttention-2 on an H100); a training job can name the one it wants.
+    Generation with a KV cache may pass a mask, which CUDA's FlashAttention does not take, so
+    only causal training and eval passes belong in the block.
     """
     if name == "auto":
         return contextlib.nullcontext()

@@ -30,7 +30,8 @@ def test_a_corrupt_shard_error_survives_the_trip_from_worker_to_controller():
     """Ray pickles a worker's exception; a class that cannot be rebuilt would reach the controller
     as something else and be retried."""
     error = pickle.loads(pickle.dumps(CorruptShardError("s3://b/s.tar", 7, None, "truncated")))
-    assert isinstance(error, CorruptShardError) and (error.shard, error.offset, error.reason) == ("s3://b/s.tar", 7, "truncated")
+    assert isinstance(error, CorruptShardError)
+    assert (error.shard, error.offset, error.member, error.reason) == ("s3://b/s.tar", 7, None, "truncated")
 
 
 def test_input_error_of_reads_the_controller_failure():

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 
 from orchestrator.spec import SpecError, TrainSpec, parse_spec
-from workers.engine import AttentionKernelError, PrecisionError, check_attention_kernel, check_precision, deepspeed_config
+from workers.engine import (AttentionKernelError, PrecisionError, check_attention_kernel, check_precision,
+                            deepspeed_config)
 from workers.metrics import mfu, peak_flops_by_name
 
 
@@ -48,11 +49,12 @@ def test_cuda_only_attention_kernels_on_cpu_are_a_clear_error():
 
 
 @pytest.mark.parametrize("name, precision, peak", [
-    ("NVIDIA H100 80GB HBM3", "bf16", 989e12), ("NVIDIA H100 PCIe", "bf16", 756e12), ("NVIDIA H100 NVL", "bf16", 835e12),
-    ("NVIDIA H200", "bf16", 989e12), ("NVIDIA GH200 480GB", "bf16", 989e12), ("NVIDIA H20", "bf16", 148e12),
-    ("NVIDIA B200", "bf16", 2250e12), ("NVIDIA GB200", "bf16", 2500e12), ("NVIDIA L40S", "bf16", 362e12),
-    ("NVIDIA L40", "bf16", 181e12), ("NVIDIA L4", "bf16", 121e12), ("NVIDIA A100-SXM4-80GB", "fp32", 19.5e12),
-    ("AMD Instinct MI300X", "bf16", 1307e12), ("Tesla V100-SXM2-16GB", "bf16", None), ("NVIDIA GeForce GTX 1080", "bf16", None),
+    ("NVIDIA H100 80GB HBM3", "bf16", 989e12), ("NVIDIA H100 PCIe", "bf16", 756e12),
+    ("NVIDIA H100 NVL", "bf16", 835e12), ("NVIDIA H200", "bf16", 989e12), ("NVIDIA GH200 480GB", "bf16", 989e12),
+    ("NVIDIA H20", "bf16", 148e12), ("NVIDIA B200", "bf16", 2250e12), ("NVIDIA GB200", "bf16", 2500e12),
+    ("NVIDIA L40S", "bf16", 362e12), ("NVIDIA L40", "bf16", 181e12), ("NVIDIA L4", "bf16", 121e12),
+    ("NVIDIA A100-SXM4-80GB", "fp32", 19.5e12), ("AMD Instinct MI300X", "bf16", 1307e12),
+    ("Tesla V100-SXM2-16GB", "bf16", None), ("NVIDIA GeForce GTX 1080", "bf16", None),
 ])
 def test_peak_flops_matches_the_most_specific_device_name(name, precision, peak):
     """A variant's name contains its family's ("H100 NVL" ⊃ "H100", "GH200" ⊃ "H200" ⊃ "H20")."""
