@@ -3,11 +3,13 @@
 Ray Train restarts the worker group after any worker failure, up to `cluster.max_failures`
 times (forever with -1). That is right for a lost node and pointless for a wrong spec or a
 corrupt shard, which fail the same way on every attempt. This callback runs on Ray Train's
-controller; raising from it is the public way to make Ray Train stop without a retry.
+controller; raising from it is the public way to make Ray Train stop without a retry. It raises
+a ControllerError, which Ray's failure policy does not retry; any other exception would reach
+that policy too, but only after Ray logged it with a traceback as an unexpected error.
 """
 from __future__ import annotations
 
-from ray.train import UserCallback
+from ray.train import ControllerError, UserCallback
 
 
 class WorkerInputError(ValueError):
@@ -35,7 +37,7 @@ class StopOnInputError(UserCallback):
         input_errors = worker_input_errors()
         for rank, error in sorted(worker_exceptions.items()):
             if isinstance(error, input_errors):
-                raise WorkerInputError(f"worker {rank}: {error}")
+                raise ControllerError(WorkerInputError(f"worker {rank}: {error}"))
 
 
 def input_error_of(fit_error: BaseException) -> WorkerInputError | None:

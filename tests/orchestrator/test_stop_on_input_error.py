@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import pickle
+import re
 
 import pytest
+from ray.train import ControllerError
 
 from orchestrator.stop_on_input_error import StopOnInputError, WorkerInputError, input_error_of
 from workers.data_stream import CorruptShardError
@@ -16,8 +18,10 @@ from workers.storage import StorageError
     CorruptShardError("s3://b/shard-00001.tar", 1024, "000003", "sha256 mismatch"),
 ])
 def test_input_errors_stop_the_job(error):
-    with pytest.raises(WorkerInputError, match=r"worker 1: .*(train\.precision|shard-00001\.tar)"):
+    with pytest.raises(ControllerError) as stopped:
         StopOnInputError().after_exception(None, {0: RuntimeError("peer went away"), 1: error})
+    assert isinstance(input_error_of(stopped.value), WorkerInputError)
+    assert re.match(r"worker 1: .*(train\.precision|shard-00001\.tar)", str(input_error_of(stopped.value)))
 
 
 @pytest.mark.parametrize("error", [RuntimeError("NCCL timeout"), StorageError("s3://b: connection reset"),
@@ -35,11 +39,7 @@ def test_a_corrupt_shard_error_survives_the_trip_from_worker_to_controller():
 
 
 def test_input_error_of_reads_the_controller_failure():
-    class FitError(Exception):
-        def __init__(self, failure):
-            self.controller_failure = failure
-
     stop = WorkerInputError("worker 0: bad")
-    assert input_error_of(FitError(stop)) is stop
-    assert input_error_of(FitError(ValueError("other"))) is None
+    assert input_error_of(ControllerError(stop)) is stop
+    assert input_error_of(ControllerError(ValueError("other"))) is None
     assert input_error_of(RuntimeError("no controller failure")) is None
