@@ -8,12 +8,12 @@ from orchestrator.data.prepare import DataError
 from orchestrator.export import ConsolidationError, HFFormatError
 from orchestrator.registry import RegistryError
 from orchestrator.spec import SpecError
-from workers.engine import AttentionKernelError, PrecisionError
+from workers.engine import AttentionKernelError, DeepSpeedConfigError, PrecisionError
 from workers.shards import ManifestError
 from workers.storage import StorageError
 
 BAD_INPUT_ERRORS: tuple[type[BaseException], ...] = (
     SpecError, JobInputError, DataError, StorageError, PrecisionError, AttentionKernelError, FileNotFoundError,
-    HFFormatError, ConsolidationError, RegistryError, ManifestError,
+    HFFormatError, ConsolidationError, RegistryError, ManifestError, DeepSpeedConfigError,
 )
 FAILED_ERRORS: tuple[type[BaseException], ...] = (JobFailed, TimeoutError, RuntimeError, httpx.HTTPError)

@@ -25,11 +25,11 @@ def worker_input_errors() -> tuple[type[Exception], ...]:
     from workers.checkpointing import ResumeMismatchError
     from workers.data_global import DataPositionError
     from workers.data_stream import CorruptShardError
-    from workers.engine import AttentionKernelError, PrecisionError
+    from workers.engine import AttentionKernelError, DeepSpeedConfigError, PrecisionError
     from workers.shards import ManifestError
 
-    return (PrecisionError, AttentionKernelError, ManifestError, CorruptShardError, DataPositionError,
-            ResumeMismatchError)
+    return (PrecisionError, AttentionKernelError, DeepSpeedConfigError, ManifestError, CorruptShardError,
+            DataPositionError, ResumeMismatchError)
 
 
 class StopOnInputError(UserCallback):

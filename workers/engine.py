@@ -6,6 +6,7 @@ import os
 import sys
 from typing import Any, Iterator
 
+import pydantic
 import torch
 import torch.distributed as dist
 
@@ -20,6 +21,10 @@ class PrecisionError(ValueError):
 
 class AttentionKernelError(ValueError):
     """The requested attention kernel cannot run on this accelerator."""
+
+
+class DeepSpeedConfigError(ValueError):
+    """DeepSpeed's own validation rejected the config built from train (mostly train.deepspeed)."""
 
 
 def deepspeed_config(train: TrainSpec, world_size: int | None = None) -> dict[str, Any]:
@@ -121,6 +126,17 @@ def import_deepspeed():
     return deepspeed
 
 
+# DeepSpeed's pydantic models by the config key they check (others are named by their model)
+_SECTION_OF_MODEL = {"DeepSpeedZeroConfig": "zero_optimization"}
+
+
+def _validation_problems(error: pydantic.ValidationError) -> str:
+    """Each field DeepSpeed rejected, as a path in the config, and why."""
+    section = _SECTION_OF_MODEL.get(error.title, f"(DeepSpeed's {error.title})")
+    return "; ".join(f"{section}.{'.'.join(map(str, problem['loc']))}: {problem['msg']}"
+                     for problem in error.errors())
+
+
 def build_engine(model: GPT, train: TrainSpec):
     """Wrap the GPT in a DeepSpeed engine with a torch AdamW (no FusedAdam compile on CPU)."""
     deepspeed = import_deepspeed()
@@ -134,9 +150,12 @@ def build_engine(model: GPT, train: TrainSpec):
         model.configure_param_groups(train.weight_decay), lr=train.lr, betas=tuple(train.betas), fused=True
     )
     world_size = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
-    engine, optimizer, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=deepspeed_config(train, world_size)
-    )
+    try:
+        engine, optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=deepspeed_config(train, world_size)
+        )
+    except pydantic.ValidationError as error:  # DeepSpeed checks each config section with pydantic
+        raise DeepSpeedConfigError(f"train.deepspeed: {_validation_problems(error)}") from None
     if train.compile:
         engine.compile()
     return engine, optimizer

@@ -199,3 +199,17 @@ def test_resume_refuses_a_pickle_payload(tmp_path, stage2_checkpoint):
     with pytest.raises(UnsafeCheckpointError), weights_only_deepspeed_loads():
         engine.load_checkpoint(str(source / "deepspeed"))
     assert not marker.exists()
+
+
+def test_a_deepspeed_field_it_rejects_is_named_under_train_deepspeed():
+    """DeepSpeed validates each section with pydantic; the worker names the field as a spec path
+    (an input error: StopOnInputError ends the job instead of retrying it)."""
+    from workers.engine import DeepSpeedConfigError
+
+    train = TrainSpec(zero_stage=2, micro_batch_size=2,
+                      deepspeed={"zero_optimization": {"reduce_bucket_sise": 5, "overlap_comm": "often"}})
+    with pytest.raises(DeepSpeedConfigError, match=r"^train\.deepspeed: ") as rejected:
+        build_engine(GPT(tiny_config(make_tokenizer())), train)
+    problems = str(rejected.value).removeprefix("train.deepspeed: ").split("; ")
+    assert sorted(problems) == ["zero_optimization.overlap_comm: Input should be a valid boolean, unable to interpret input",
+                                "zero_optimization.reduce_bucket_sise: Extra inputs are not permitted"]

@@ -9,19 +9,20 @@ from ray.train import ControllerError
 
 from orchestrator.stop_on_input_error import StopOnInputError, WorkerInputError, input_error_of
 from workers.data_stream import CorruptShardError
-from workers.engine import PrecisionError
+from workers.engine import DeepSpeedConfigError, PrecisionError
 from workers.storage import StorageError
 
 
 @pytest.mark.parametrize("error", [
     PrecisionError("train.precision: fp16 is not supported on the cpu accelerator"),
     CorruptShardError("s3://b/shard-00001.tar", 1024, "000003", "sha256 mismatch"),
+    DeepSpeedConfigError("train.deepspeed: zero_optimization.reduce_bucket_sise: Extra inputs are not permitted"),
 ])
 def test_input_errors_stop_the_job(error):
     with pytest.raises(ControllerError) as stopped:
         StopOnInputError().after_exception(None, {0: RuntimeError("peer went away"), 1: error})
     assert isinstance(input_error_of(stopped.value), WorkerInputError)
-    assert re.match(r"worker 1: .*(train\.precision|shard-00001\.tar)", str(input_error_of(stopped.value)))
+    assert re.match(r"worker 1: .*(train\.precision|shard-00001\.tar|train\.deepspeed)", str(input_error_of(stopped.value)))
 
 
 @pytest.mark.parametrize("error", [RuntimeError("NCCL timeout"), StorageError("s3://b: connection reset"),
