@@ -211,5 +211,6 @@ def test_a_deepspeed_field_it_rejects_is_named_under_train_deepspeed():
     with pytest.raises(DeepSpeedConfigError, match=r"^train\.deepspeed: ") as rejected:
         build_engine(GPT(tiny_config(make_tokenizer())), train)
     problems = str(rejected.value).removeprefix("train.deepspeed: ").split("; ")
-    assert sorted(problems) == ["zero_optimization.overlap_comm: Input should be a valid boolean, unable to interpret input",
-                                "zero_optimization.reduce_bucket_sise: Extra inputs are not permitted"]
+    assert sorted(problems) == [
+        "zero_optimization.overlap_comm: Input should be a valid boolean, unable to interpret input",
+        "zero_optimization.reduce_bucket_sise: Extra inputs are not permitted"]

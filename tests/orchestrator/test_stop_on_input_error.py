@@ -22,7 +22,8 @@ def test_input_errors_stop_the_job(error):
     with pytest.raises(ControllerError) as stopped:
         StopOnInputError().after_exception(None, {0: RuntimeError("peer went away"), 1: error})
     assert isinstance(input_error_of(stopped.value), WorkerInputError)
-    assert re.match(r"worker 1: .*(train\.precision|shard-00001\.tar|train\.deepspeed)", str(input_error_of(stopped.value)))
+    message = str(input_error_of(stopped.value))
+    assert re.match(r"worker 1: .*(train\.precision|shard-00001\.tar|train\.deepspeed)", message)
 
 
 @pytest.mark.parametrize("error", [RuntimeError("NCCL timeout"), StorageError("s3://b: connection reset"),
