@@ -15,7 +15,6 @@ from model.kv_cache import KVCache
 # scaled_dot_product_attention's kernels by the names a job spec uses (train.attention_kernel)
 ATTENTION_KERNELS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
                      "math": "MATH"}
-CUDA_ONLY_KERNELS = ("cudnn", "efficient")
 
 
 def attention_kernel(name: str) -> contextlib.AbstractContextManager:

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from workers.train_spec import StrictModel, TrainSpec
+from workers.train_spec import CUDA_ONLY_ATTENTION_KERNELS, StrictModel, TrainSpec
 
 
 class SpecError(ValueError):
@@ -72,7 +72,36 @@ class _JobBase(StrictModel):
     tracking: TrackingSpec = TrackingSpec()
 
 
-class PretrainSpec(_JobBase):
+class SpecProblems(ValueError):
+    """Several field-level problems found by a model validator, each as (dotted path, message)."""
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        self.problems = problems
+        super().__init__("; ".join(f"{path}: {message}" for path, message in problems))
+
+
+class _TrainingJob(_JobBase):
+    """Pretrain and finetune: `train` and `cluster` are declared by each, with their own defaults."""
+
+    @model_validator(mode="after")
+    def _cpu_workers_can_run_it(self) -> "_TrainingJob":
+        """Without cluster.use_gpu Ray hides every GPU from the workers, so DeepSpeed trains on its
+        CPU accelerator: settings only a GPU runs would fail on every worker after Ray started."""
+        if self.cluster.use_gpu:
+            return self
+        problems = []
+        if self.train.precision == "fp16":
+            problems.append(("train.precision", "fp16 needs GPU workers (cluster.use_gpu: true); "
+                                                "CPU workers train in fp32 or bf16"))
+        if self.train.attention_kernel in CUDA_ONLY_ATTENTION_KERNELS:
+            problems.append(("train.attention_kernel", f"{self.train.attention_kernel} needs GPU workers "
+                                                       "(cluster.use_gpu: true); CPU workers run auto, flash or math"))
+        if problems:
+            raise SpecProblems(problems)
+        return self
+
+
+class PretrainSpec(_TrainingJob):
     kind: Literal["pretrain"]
     data: str = Field(description="prepared shards: a dir or s3:// prefix holding manifest.json")
     init_from: str | None = Field(
@@ -86,7 +115,7 @@ class PretrainSpec(_JobBase):
     debug: DebugSpec = DebugSpec()
 
 
-class FinetuneSpec(_JobBase):
+class FinetuneSpec(_TrainingJob):
     kind: Literal["finetune"]
     init_from: str = Field(description="gptctl checkpoint dir, Hugging Face GPT-2 dir (local or s3://) or models:/NAME@ALIAS")
     data: str = Field(description="prepared prompt/response shards with a loss mask")
@@ -154,14 +183,6 @@ class DeployStage(DeploySpec):
 
 
 PipelineStage = Annotated[Union[PretrainStage, FinetuneStage, DeployStage], Field(discriminator="kind")]
-
-
-class SpecProblems(ValueError):
-    """Several field-level problems found by a model validator, each as (dotted path, message)."""
-
-    def __init__(self, problems: list[tuple[str, str]]):
-        self.problems = problems
-        super().__init__("; ".join(f"{path}: {message}" for path, message in problems))
 
 
 class PipelineSpec(StrictModel):
@@ -279,8 +300,8 @@ def _format_errors(source: str, error: ValidationError) -> str:
     for item in error.errors():
         location = ".".join(str(part) for part in item["loc"][1:] if part not in KINDS)
         problems = getattr((item.get("ctx") or {}).get("error"), "problems", None)
-        if item["type"] == "value_error" and problems:
-            lines.extend(f"  - {path}: {message}" for path, message in problems)
+        if item["type"] == "value_error" and problems:  # paths relative to where the validator ran
+            lines.extend(f"  - {location + '.' if location else ''}{path}: {message}" for path, message in problems)
             continue
         location = location or "(top level)"
         if item["type"] == "extra_forbidden":

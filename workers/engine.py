@@ -11,8 +11,7 @@ import torch
 import torch.distributed as dist
 
 from model import GPT
-from model.attention import CUDA_ONLY_KERNELS
-from workers.train_spec import TrainSpec
+from workers.train_spec import CUDA_ONLY_ATTENTION_KERNELS, TrainSpec
 
 
 class PrecisionError(ValueError):
@@ -87,7 +86,7 @@ def check_precision(precision: str) -> None:
 def check_attention_kernel(kernel: str) -> None:
     """Fail before the engine starts, instead of at the first forward with "No available kernel"."""
     device = import_deepspeed().accelerator.get_accelerator().device_name()
-    if kernel in CUDA_ONLY_KERNELS and device != "cuda":
+    if kernel in CUDA_ONLY_ATTENTION_KERNELS and device != "cuda":
         raise AttentionKernelError(
             f"train.attention_kernel: {kernel} runs only on CUDA GPUs, not on the {device} accelerator; "
             "use auto, flash or math")

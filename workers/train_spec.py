@@ -26,6 +26,10 @@ DEEPSPEED_KEYS_FROM_FIELDS = {
 }
 
 
+# train.attention_kernel values that only CUDA runs (the others also run on CPU)
+CUDA_ONLY_ATTENTION_KERNELS = ("cudnn", "efficient")
+
+
 class TrainSpec(StrictModel):
     max_steps: int = Field(default=100, ge=1, description="optimizer steps")
     micro_batch_size: int = Field(default=8, ge=1, description="sequences per worker per micro-step")

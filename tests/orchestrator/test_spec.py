@@ -79,3 +79,18 @@ def test_attention_kernel_defaults_to_auto_and_names_the_choices():
     assert parse_spec({"kind": "pretrain", "name": "a", "data": "d"}).train.attention_kernel == "auto"
     with pytest.raises(SpecError, match=r"train\.attention_kernel.*'auto', 'flash', 'cudnn', 'efficient' or 'math'"):
         parse_spec({"kind": "pretrain", "name": "a", "data": "d", "train": {"attention_kernel": "xformers"}})
+
+
+def test_gpu_only_settings_on_cpu_workers_are_named_before_anything_runs():
+    """Without cluster.use_gpu Ray hides the GPUs from the workers: fp16 and CUDA-only attention
+    kernels would fail on every worker, so validation names them (stage paths included)."""
+    base = {"kind": "pretrain", "name": "a", "data": "d", "train": {"precision": "fp16", "attention_kernel": "cudnn"}}
+    with pytest.raises(SpecError) as problems:
+        parse_spec(base)
+    assert "train.precision: fp16 needs GPU workers (cluster.use_gpu: true)" in str(problems.value)
+    assert "train.attention_kernel: cudnn needs GPU workers (cluster.use_gpu: true)" in str(problems.value)
+    assert parse_spec({**base, "cluster": {"use_gpu": True}}).train.precision == "fp16"
+    with pytest.raises(SpecError, match=r"stages\.1\.train\.attention_kernel: efficient needs GPU workers"):
+        parse_spec({"kind": "pipeline", "name": "p", "stages": [
+            {"kind": "pretrain", "id": "one", "name": "s", "data": "d"},
+            {"kind": "finetune", "id": "two", "name": "t", "data": "d", "train": {"attention_kernel": "efficient"}}]})

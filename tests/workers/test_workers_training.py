@@ -84,21 +84,18 @@ def test_every_zero_stage_trains(workdir, ray_cluster, stage):
 
 
 def test_a_bad_input_error_on_a_worker_is_not_retried(workdir, ray_cluster):
-    """fp16 on a CPU worker fails the same way on every attempt: the job stops after the first
-    (despite max_failures) with an input error naming the field, and its MLflow run is failed."""
-    from deepspeed.accelerator import get_accelerator
-
+    """A DeepSpeed field DeepSpeed rejects fails the same way on every attempt: the job stops after
+    the first (despite max_failures) with an input error naming the field, and its run is failed."""
     from orchestrator.controller import JobInputError
 
-    if get_accelerator().device_name() != "cpu":
-        pytest.skip("this machine's accelerator supports fp16")
-    spec = _spec(workdir, "fp16-on-cpu", precision="fp16")
+    spec = _spec(workdir, "bad-deepspeed-field", deepspeed={"zero_optimization": {"reduce_bucket_sise": 5}})
     spec["cluster"]["max_failures"] = 3  # without the stop: 4 attempts, then JobFailed
-    with pytest.raises(JobInputError, match=r"fp16-on-cpu: worker \d: train\.precision: fp16 is not supported"):
+    with pytest.raises(JobInputError, match=r"bad-deepspeed-field: worker \d: train\.deepspeed: "
+                                             r"zero_optimization\.reduce_bucket_sise: Extra inputs are not permitted"):
         run_training(prepare_job(parse_spec(spec)))
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     run = client.search_runs([client.get_experiment_by_name("training").experiment_id],
-                             filter_string="tags.`gptctl.job` = 'fp16-on-cpu'")[0]
+                             filter_string="tags.`gptctl.job` = 'bad-deepspeed-field'")[0]
     assert run.info.status == "FAILED"
 
 
