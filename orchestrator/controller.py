@@ -149,12 +149,17 @@ def prepare_job(spec: PretrainSpec | FinetuneSpec) -> PreparedJob:
     if manifest.total_rows("train") == 0:
         raise JobInputError(f"data: {spec.data} has no train rows")
     run_dir = job_run_dir(spec)
+    env = forwarded_env()
+    if not spec.cluster.use_gpu:
+        # Ray leaves a node's GPUs visible to workers it gave none, and DeepSpeed would pick CUDA
+        # by itself: use_gpu false means CPU workers, as it does for Ray Train
+        env["DS_ACCELERATOR"] = "cpu"
     job = WorkerJob(
         job_name=spec.name, kind=kind, data_uri=spec.data, train=spec.train.model_dump(),
         model_config=config.to_dict(), val_shards=manifest.shard_names("val"),
         tracking_uri=resolve_tracking_uri(spec.tracking.uri), parent_run_id=parent_run_id,
         init_from=getattr(spec, "init_from", None),
-        extra={"env": forwarded_env(), "debug": spec.debug.model_dump(),
+        extra={"env": env, "debug": spec.debug.model_dump(),
                "system_metrics_interval_s": spec.tracking.system_metrics_interval_s,
                "fault_marker": storage.join(run_dir, ".fault_injected"), "best_uri": storage.join(run_dir, "best"),
                "trace_dir": storage.join(run_dir, "sample_trace") if spec.debug.trace_samples else None},

@@ -85,8 +85,8 @@ class _TrainingJob(_JobBase):
 
     @model_validator(mode="after")
     def _cpu_workers_can_run_it(self) -> "_TrainingJob":
-        """Without cluster.use_gpu Ray hides every GPU from the workers, so DeepSpeed trains on its
-        CPU accelerator: settings only a GPU runs would fail on every worker after Ray started."""
+        """Without cluster.use_gpu the workers train on DeepSpeed's CPU accelerator (the controller
+        sets DS_ACCELERATOR=cpu for them): settings only a GPU runs would fail on every worker."""
         if self.cluster.use_gpu:
             return self
         problems = []

@@ -83,6 +83,14 @@ def test_every_zero_stage_trains(workdir, ray_cluster, stage):
     RESULTS[stage] = _weights(result.checkpoint)
 
 
+def test_workers_without_use_gpu_train_on_deepspeeds_cpu_accelerator(workdir):
+    """Ray leaves a GPU node's GPUs visible to workers it gave none; DeepSpeed would pick CUDA."""
+    spec = _spec(workdir, "cpu-workers")
+    assert prepare_job(parse_spec(spec)).worker_job.extra["env"]["DS_ACCELERATOR"] == "cpu"
+    spec["cluster"]["use_gpu"] = True
+    assert "DS_ACCELERATOR" not in prepare_job(parse_spec(spec)).worker_job.extra["env"]
+
+
 def test_a_bad_input_error_on_a_worker_is_not_retried(workdir, ray_cluster):
     """A DeepSpeed field DeepSpeed rejects fails the same way on every attempt: the job stops after
     the first (despite max_failures) with an input error naming the field, and its run is failed."""
