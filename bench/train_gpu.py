@@ -20,13 +20,15 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import get_args
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
 from bench.baseline import bare_loop  # noqa: E402
-from model.attention import ATTENTION_KERNELS, attention_kernel  # noqa: E402
+from model.attention import attention_kernel  # noqa: E402
+from workers.train_spec import AttentionKernel  # noqa: E402
 
 
 def synthetic_batches(vocab: int, batch: int, seq_len: int):
@@ -67,7 +69,7 @@ def main() -> None:
     parser.add_argument("--no-baseline", action="store_true", help="skip the bare PyTorch loop")
     parser.add_argument("--deepspeed", type=json.loads, default={}, metavar="JSON",
                         help="extra DeepSpeed config (the spec's train.deepspeed), e.g. '{\"torch_autocast\": ...}'")
-    parser.add_argument("--sdpa", default="auto", choices=["auto", *ATTENTION_KERNELS],
+    parser.add_argument("--sdpa", default="auto", choices=get_args(AttentionKernel),
                         help="attention kernel for both loops, as train.attention_kernel (default: PyTorch's choice)")
     parser.add_argument("--profile", default=None, metavar="PATH", help="write a kernel profile of 3 more steps")
     args = parser.parse_args()

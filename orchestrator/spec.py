@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from workers.train_spec import CUDA_ONLY_ATTENTION_KERNELS, StrictModel, TrainSpec
+from workers.train_spec import CUDA_ONLY_ATTENTION_KERNELS, PORTABLE_KERNELS_TEXT, StrictModel, TrainSpec
 
 
 class SpecError(ValueError):
@@ -95,7 +95,7 @@ class _TrainingJob(_JobBase):
                                                 "CPU workers train in fp32 or bf16"))
         if self.train.attention_kernel in CUDA_ONLY_ATTENTION_KERNELS:
             problems.append(("train.attention_kernel", f"{self.train.attention_kernel} needs GPU workers "
-                                                       "(cluster.use_gpu: true); CPU workers run auto, flash or math"))
+                                                       f"(cluster.use_gpu: true); CPU workers run {PORTABLE_KERNELS_TEXT}"))
         if problems:
             raise SpecProblems(problems)
         return self

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from model import GPT
-from workers.train_spec import CUDA_ONLY_ATTENTION_KERNELS, TrainSpec
+from workers.train_spec import CUDA_ONLY_ATTENTION_KERNELS, PORTABLE_KERNELS_TEXT, TrainSpec
 
 
 class PrecisionError(ValueError):
@@ -89,7 +89,7 @@ def check_attention_kernel(kernel: str) -> None:
     if kernel in CUDA_ONLY_ATTENTION_KERNELS and device != "cuda":
         raise AttentionKernelError(
             f"train.attention_kernel: {kernel} runs only on CUDA GPUs, not on the {device} accelerator; "
-            "use auto, flash or math")
+            f"use {PORTABLE_KERNELS_TEXT}")
 
 
 def ensure_single_process_env() -> None:

@@ -5,7 +5,7 @@ orchestrator/spec.py (which embeds it), so workers/ never imports orchestrator/.
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -26,8 +26,11 @@ DEEPSPEED_KEYS_FROM_FIELDS = {
 }
 
 
-# train.attention_kernel values that only CUDA runs (the others also run on CPU)
+AttentionKernel = Literal["auto", "flash", "cudnn", "efficient", "math"]
+# train.attention_kernel values that only CUDA runs, and the ones any accelerator runs
 CUDA_ONLY_ATTENTION_KERNELS = ("cudnn", "efficient")
+PORTABLE_ATTENTION_KERNELS = tuple(k for k in get_args(AttentionKernel) if k not in CUDA_ONLY_ATTENTION_KERNELS)
+PORTABLE_KERNELS_TEXT = ", ".join(PORTABLE_ATTENTION_KERNELS[:-1]) + " or " + PORTABLE_ATTENTION_KERNELS[-1]
 
 
 class TrainSpec(StrictModel):
@@ -46,7 +49,7 @@ class TrainSpec(StrictModel):
     offload_params: bool = Field(default=False, description="ZeRO 3: parameters in CPU memory")
     activation_checkpointing: bool = Field(default=False, description="recompute block activations in backward")
     compile: bool = Field(default=False, description="torch.compile the model")
-    attention_kernel: Literal["auto", "flash", "cudnn", "efficient", "math"] = Field(
+    attention_kernel: AttentionKernel = Field(
         default="auto", description="scaled_dot_product_attention kernel for training and eval passes: 'auto' lets "
                                     "PyTorch choose; 'cudnn' and 'efficient' need a CUDA GPU")
     eval_every: int = Field(default=50, ge=1, description="steps between validation passes")
