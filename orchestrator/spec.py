@@ -84,11 +84,18 @@ class _TrainingJob(_JobBase):
     """Pretrain and finetune: `train` and `cluster` are declared by each, with their own defaults."""
 
     @model_validator(mode="after")
-    def _cpu_workers_can_run_it(self) -> "_TrainingJob":
+    def _workers_can_run_it(self) -> "_TrainingJob":
+        """What every worker would fail on, found before anything is submitted."""
+        problems = self._needs_gpu_workers() + self._deepspeed_rejects()
+        if problems:
+            raise SpecProblems(problems)
+        return self
+
+    def _needs_gpu_workers(self) -> list[tuple[str, str]]:
         """Without cluster.use_gpu the workers train on DeepSpeed's CPU accelerator (the controller
         sets DS_ACCELERATOR=cpu for them): settings only a GPU runs would fail on every worker."""
         if self.cluster.use_gpu:
-            return self
+            return []
         problems = []
         if self.train.precision == "fp16":
             problems.append(("train.precision", "fp16 needs GPU workers (cluster.use_gpu: true); "
@@ -96,9 +103,19 @@ class _TrainingJob(_JobBase):
         if self.train.attention_kernel in CUDA_ONLY_ATTENTION_KERNELS:
             problems.append(("train.attention_kernel", f"{self.train.attention_kernel} needs GPU workers "
                                                        f"(cluster.use_gpu: true); CPU workers run {PORTABLE_KERNELS_TEXT}"))
-        if problems:
-            raise SpecProblems(problems)
-        return self
+        return problems
+
+    def _deepspeed_rejects(self) -> list[tuple[str, str]]:
+        """train.deepspeed as this machine's DeepSpeed parses it: a field it rejects, or a top-level
+        key it would silently ignore (a typo). Checked only when set, since it imports DeepSpeed;
+        the worker checks again with the cluster's DeepSpeed."""
+        if not self.train.deepspeed:
+            return []
+        from workers.engine import deepspeed_config, deepspeed_config_problems
+
+        config = deepspeed_config(self.train, self.cluster.num_workers)
+        return [(f"train.deepspeed.{path}" if path else "train.deepspeed", why)
+                for path, why in deepspeed_config_problems(config)]
 
 
 class PretrainSpec(_TrainingJob):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 from typing import Any, Iterator
@@ -127,13 +128,116 @@ def import_deepspeed():
 
 # DeepSpeed's pydantic models by the config key they check (others are named by their model)
 _SECTION_OF_MODEL = {"DeepSpeedZeroConfig": "zero_optimization"}
+# Top-level keys deepspeed.initialize reads itself (to build a device mesh), not through DeepSpeedConfig
+_KEYS_READ_BY_INITIALIZE = frozenset({"sequence_parallel_size", "data_parallel_size"})
 
 
-def _validation_problems(error: pydantic.ValidationError) -> str:
+def _validation_problems(error: pydantic.ValidationError) -> list[tuple[str, str]]:
     """Each field DeepSpeed rejected, as a path in the config, and why."""
     section = _SECTION_OF_MODEL.get(error.title, f"(DeepSpeed's {error.title})")
-    return "; ".join(f"{section}.{'.'.join(map(str, problem['loc']))}: {problem['msg']}"
-                     for problem in error.errors())
+    return [(f"{section}.{'.'.join(map(str, problem['loc']))}", problem["msg"]) for problem in error.errors()]
+
+
+class _KeyReadRecorder(dict):
+    """A config dict that notes each top-level key looked up in it.
+
+    DeepSpeed's parser asks for its top-level keys one by one (`get`, `in`, `[]`) and never
+    looks at the others, so a misspelt key silently leaves a setting at its default. Asking
+    the installed DeepSpeed which keys it reads keeps no hand-written key list that would go
+    stale with each release; written by hand because neither DeepSpeed nor pydantic offers it.
+    """
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        self.read: set[str] = set()
+
+    def __copy__(self) -> "_KeyReadRecorder":  # DeepSpeedConfig parses a shallow copy
+        twin = _KeyReadRecorder(self)
+        twin.read = self.read
+        return twin
+
+    def get(self, key, default=None):
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key) -> bool:
+        self.read.add(key)
+        return super().__contains__(key)
+
+    def keys(self):  # `key in config.keys()` is a lookup too
+        return _RecordedKeys(self)
+
+
+class _RecordedKeys:
+    def __init__(self, recorder: _KeyReadRecorder) -> None:
+        self._recorder = recorder
+
+    def __contains__(self, key) -> bool:
+        return key in self._recorder
+
+    def __iter__(self):
+        return iter(dict.keys(self._recorder))
+
+    def __len__(self) -> int:
+        return len(self._recorder)
+
+
+def deepspeed_config_problems(config: dict[str, Any]) -> list[tuple[str, str]]:
+    """What the installed DeepSpeed would reject or ignore in `config`, each as (key path, why);
+    the path is empty where DeepSpeed's check names no key.
+
+    Parses the config as deepspeed.initialize does, without a model or process group, so the
+    spec check can run it before a job is submitted and the worker before its engine starts.
+    """
+    recorder = _KeyReadRecorder(config)
+    try:
+        with _deepspeed_logs_quiet():
+            import_deepspeed()
+            from deepspeed.runtime.config import DeepSpeedConfig
+
+            DeepSpeedConfig(recorder)
+    except pydantic.ValidationError as error:  # DeepSpeed checks each config section with pydantic
+        return _validation_problems(error)
+    except (AssertionError, ValueError) as error:  # its own consistency checks
+        return [("", str(error) or type(error).__name__)]
+    known = recorder.read | _KEYS_READ_BY_INITIALIZE
+    return [_unknown_key_problem(key, known) for key in config if key not in known]
+
+
+def _unknown_key_problem(key: str, known: set[str]) -> tuple[str, str]:
+    import difflib
+
+    close = difflib.get_close_matches(key, sorted(known), n=1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    return key, f"not a setting DeepSpeed {import_deepspeed().__version__} reads, so it would be ignored{hint}"
+
+
+@contextlib.contextmanager
+def _deepspeed_logs_quiet() -> Iterator[None]:
+    """A spec check prints only what is wrong with the spec: not DeepSpeed's accelerator guess
+    on import (the submitting machine need not be a worker) nor its config's INFO lines."""
+    deepspeed_logger = logging.getLogger("DeepSpeed")  # the logger deepspeed.utils configures
+
+    def errors_only(record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+    deepspeed_logger.addFilter(errors_only)
+    try:
+        yield
+    finally:
+        deepspeed_logger.removeFilter(errors_only)
+
+
+def check_deepspeed_config(config: dict[str, Any]) -> None:
+    """Fail before the engine starts, naming each rejected or ignored key as a spec path."""
+    problems = deepspeed_config_problems(config)
+    if problems:
+        raise DeepSpeedConfigError("train.deepspeed: " + "; ".join(
+            f"{path}: {why}" if path else why for path, why in problems))
 
 
 def build_engine(model: GPT, train: TrainSpec):
@@ -149,12 +253,9 @@ def build_engine(model: GPT, train: TrainSpec):
         model.configure_param_groups(train.weight_decay), lr=train.lr, betas=tuple(train.betas), fused=True
     )
     world_size = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
-    try:
-        engine, optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=deepspeed_config(train, world_size)
-        )
-    except pydantic.ValidationError as error:  # DeepSpeed checks each config section with pydantic
-        raise DeepSpeedConfigError(f"train.deepspeed: {_validation_problems(error)}") from None
+    config = deepspeed_config(train, world_size)
+    check_deepspeed_config(config)
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     if train.compile:
         engine.compile()
     return engine, optimizer

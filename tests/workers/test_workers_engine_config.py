@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 
 from orchestrator.spec import SpecError, TrainSpec, parse_spec
-from workers.engine import (AttentionKernelError, PrecisionError, check_attention_kernel, check_precision,
-                            deepspeed_config)
+from workers.engine import (AttentionKernelError, DeepSpeedConfigError, PrecisionError, check_attention_kernel,
+                            check_deepspeed_config, check_precision, deepspeed_config, deepspeed_config_problems)
 from workers.metrics import mfu, peak_flops_by_name
 
 
@@ -81,6 +81,34 @@ def test_extra_deepspeed_config_is_merged_section_by_section():
 def test_extra_deepspeed_config_cannot_contradict_a_spec_field(extra, field):
     with pytest.raises(SpecError, match=rf"deepspeed\..* is set from {field}"):
         parse_spec({"kind": "pretrain", "name": "a", "data": "d", "train": {"deepspeed": extra}})
+
+
+def test_a_deepspeed_key_deepspeed_would_ignore_is_named_before_submission():
+    """DeepSpeed ignores top-level keys it does not know: a typo would silently keep the default."""
+    spec = {"kind": "pretrain", "name": "a", "data": "d",
+            "train": {"deepspeed": {"wall_clock_breakdwn": True, "zero_optimization": {"reduce_bucket_sise": 5}}}}
+    with pytest.raises(SpecError) as refused:
+        parse_spec(spec, "job.yaml")
+    assert str(refused.value).splitlines()[1:] == [
+        "  - train.deepspeed.zero_optimization.reduce_bucket_sise: Extra inputs are not permitted"]
+    del spec["train"]["deepspeed"]["zero_optimization"]  # DeepSpeed stops at its first invalid section
+    with pytest.raises(SpecError, match=r"train\.deepspeed\.wall_clock_breakdwn: not a setting DeepSpeed "
+                                        r"\S+ reads, so it would be ignored; did you mean wall_clock_breakdown\?"):
+        parse_spec(spec, "job.yaml")
+    with pytest.raises(DeepSpeedConfigError, match=r"^train\.deepspeed: steps_per_prnt: .*did you mean steps_per_print\?"):
+        check_deepspeed_config(deepspeed_config(TrainSpec(deepspeed={"steps_per_prnt": 5})))
+
+
+@pytest.mark.parametrize("extra", [
+    {"wall_clock_breakdown": True},
+    {"activation_checkpointing": {"partition_activations": False}},  # read as `key in config.keys()`
+    {"flops_profiler": {"enabled": False}},
+    {"checkpoint": {"tag_validation": "Warn"}},
+    {"sequence_parallel_size": 1},  # read by deepspeed.initialize, not by its config parser
+])
+def test_keys_deepspeed_reads_pass_the_check(extra):
+    parse_spec({"kind": "pretrain", "name": "a", "data": "d", "train": {"deepspeed": extra}})
+    assert deepspeed_config_problems(deepspeed_config(TrainSpec(deepspeed=extra))) == []
 
 
 def test_single_worker_zero2_skips_the_contiguous_gradient_copy():

@@ -96,11 +96,14 @@ def test_a_bad_input_error_on_a_worker_is_not_retried(workdir, ray_cluster):
     the first (despite max_failures) with an input error naming the field, and its run is failed."""
     from orchestrator.controller import JobInputError
 
-    spec = _spec(workdir, "bad-deepspeed-field", deepspeed={"zero_optimization": {"reduce_bucket_sise": 5}})
+    spec = _spec(workdir, "bad-deepspeed-field")
     spec["cluster"]["max_failures"] = 3  # without the stop: 4 attempts, then JobFailed
+    prepared = prepare_job(parse_spec(spec))
+    # past the spec check, as when the cluster's DeepSpeed is stricter than the submitter's
+    prepared.worker_job.train["deepspeed"] = {"zero_optimization": {"reduce_bucket_sise": 5}}
     with pytest.raises(JobInputError, match=r"bad-deepspeed-field: worker \d: train\.deepspeed: "
                                              r"zero_optimization\.reduce_bucket_sise: Extra inputs are not permitted"):
-        run_training(prepare_job(parse_spec(spec)))
+        run_training(prepared)
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     run = client.search_runs([client.get_experiment_by_name("training").experiment_id],
                              filter_string="tags.`gptctl.job` = 'bad-deepspeed-field'")[0]
