@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=5, help="alternating bare / worker rounds")
-    parser.add_argument("--ray-rounds", type=int, default=3, help="alternating bare / Ray Train rounds")
+    parser.add_argument("--ray-rounds", type=int, default=5, help="alternating bare / Ray Train rounds")
     args = parser.parse_args()
 
     from orchestrator.ray_runtime import default_extensions_dir

@@ -111,7 +111,8 @@ class _TrainingJob(_JobBase):
         the worker checks again with the cluster's DeepSpeed."""
         if not self.train.deepspeed:
             return []
-        from workers.engine import deepspeed_config, deepspeed_config_problems
+        from workers.deepspeed_check import deepspeed_config_problems
+        from workers.engine import deepspeed_config
 
         config = deepspeed_config(self.train, self.cluster.num_workers)
         return [(f"train.deepspeed.{path}" if path else "train.deepspeed", why)

@@ -1,17 +1,15 @@
 """DeepSpeed engine set-up: the one place that turns a TrainSpec into a ZeRO config."""
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
-import sys
-from typing import Any, Iterator
+from typing import Any
 
-import pydantic
 import torch
 import torch.distributed as dist
 
 from model import GPT
+from workers.deepspeed_check import deepspeed_config_problems
+from workers.deepspeed_import import import_deepspeed
 from workers.train_spec import CUDA_ONLY_ATTENTION_KERNELS, PORTABLE_KERNELS_TEXT, TrainSpec
 
 
@@ -98,138 +96,6 @@ def ensure_single_process_env() -> None:
     for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511"}.items():
         os.environ.setdefault(key, value)
-
-
-@contextlib.contextmanager
-def _not_importable(name: str) -> Iterator[None]:
-    """`import name` fails inside the block unless the module is already loaded."""
-    if name in sys.modules:
-        yield
-        return
-    sys.modules[name] = None  # the import system's documented "not importable" marker
-    try:
-        yield
-    finally:
-        if sys.modules.get(name, "") is None:
-            del sys.modules[name]
-
-
-def import_deepspeed():
-    """`import deepspeed`, without the MLflow import its autotuner module makes on the way.
-
-    deepspeed.autotuning tries `import mlflow` at import time (~0.9 s) only to log autotuning
-    experiments, which gptctl never runs; it catches the failure. A worker needs MLflow only on
-    rank 0 and only after its first step, so this keeps ~0.9 s off every worker's start.
-    """
-    with _not_importable("mlflow"):
-        import deepspeed
-    return deepspeed
-
-
-# DeepSpeed's pydantic models by the config key they check (others are named by their model)
-_SECTION_OF_MODEL = {"DeepSpeedZeroConfig": "zero_optimization"}
-# Top-level keys deepspeed.initialize reads itself (to build a device mesh), not through DeepSpeedConfig
-_KEYS_READ_BY_INITIALIZE = frozenset({"sequence_parallel_size", "data_parallel_size"})
-
-
-def _validation_problems(error: pydantic.ValidationError) -> list[tuple[str, str]]:
-    """Each field DeepSpeed rejected, as a path in the config, and why."""
-    section = _SECTION_OF_MODEL.get(error.title, f"(DeepSpeed's {error.title})")
-    return [(f"{section}.{'.'.join(map(str, problem['loc']))}", problem["msg"]) for problem in error.errors()]
-
-
-class _KeyReadRecorder(dict):
-    """A config dict that notes each top-level key looked up in it.
-
-    DeepSpeed's parser asks for its top-level keys one by one (`get`, `in`, `[]`) and never
-    looks at the others, so a misspelt key silently leaves a setting at its default. Asking
-    the installed DeepSpeed which keys it reads keeps no hand-written key list that would go
-    stale with each release; written by hand because neither DeepSpeed nor pydantic offers it.
-    """
-
-    def __init__(self, config: dict[str, Any]) -> None:
-        super().__init__(config)
-        self.read: set[str] = set()
-
-    def __copy__(self) -> "_KeyReadRecorder":  # DeepSpeedConfig parses a shallow copy
-        twin = _KeyReadRecorder(self)
-        twin.read = self.read
-        return twin
-
-    def get(self, key, default=None):
-        self.read.add(key)
-        return super().get(key, default)
-
-    def __getitem__(self, key):
-        self.read.add(key)
-        return super().__getitem__(key)
-
-    def __contains__(self, key) -> bool:
-        self.read.add(key)
-        return super().__contains__(key)
-
-    def keys(self):  # `key in config.keys()` is a lookup too
-        return _RecordedKeys(self)
-
-
-class _RecordedKeys:
-    def __init__(self, recorder: _KeyReadRecorder) -> None:
-        self._recorder = recorder
-
-    def __contains__(self, key) -> bool:
-        return key in self._recorder
-
-    def __iter__(self):
-        return iter(dict.keys(self._recorder))
-
-    def __len__(self) -> int:
-        return len(self._recorder)
-
-
-def deepspeed_config_problems(config: dict[str, Any]) -> list[tuple[str, str]]:
-    """What the installed DeepSpeed would reject or ignore in `config`, each as (key path, why);
-    the path is empty where DeepSpeed's check names no key.
-
-    Parses the config as deepspeed.initialize does, without a model or process group, so the
-    spec check can run it before a job is submitted and the worker before its engine starts.
-    """
-    recorder = _KeyReadRecorder(config)
-    try:
-        with _deepspeed_logs_quiet():
-            import_deepspeed()
-            from deepspeed.runtime.config import DeepSpeedConfig
-
-            DeepSpeedConfig(recorder)
-    except pydantic.ValidationError as error:  # DeepSpeed checks each config section with pydantic
-        return _validation_problems(error)
-    except (AssertionError, ValueError) as error:  # its own consistency checks
-        return [("", str(error) or type(error).__name__)]
-    known = recorder.read | _KEYS_READ_BY_INITIALIZE
-    return [_unknown_key_problem(key, known) for key in config if key not in known]
-
-
-def _unknown_key_problem(key: str, known: set[str]) -> tuple[str, str]:
-    import difflib
-
-    close = difflib.get_close_matches(key, sorted(known), n=1)
-    hint = f"; did you mean {close[0]}?" if close else ""
-    return key, f"not a setting DeepSpeed {import_deepspeed().__version__} reads, so it would be ignored{hint}"
-
-
-@contextlib.contextmanager
-def _deepspeed_logs_quiet() -> Iterator[None]:
-    """A spec check prints only what is wrong with the spec: not DeepSpeed's accelerator guess
-    on import (the submitting machine need not be a worker) nor its config's INFO lines."""
-    deepspeed_logger = logging.getLogger("DeepSpeed")  # the logger deepspeed.utils configures
-
-    def errors_only(record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.ERROR
-
-    deepspeed_logger.addFilter(errors_only)
-    try:
-        yield
-    finally:
-        deepspeed_logger.removeFilter(errors_only)
 
 
 def check_deepspeed_config(config: dict[str, Any]) -> None:

@@ -1,11 +1,14 @@
 """DeepSpeed config built from the spec, and the precision guard."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from orchestrator.spec import SpecError, TrainSpec, parse_spec
 from workers.engine import (AttentionKernelError, DeepSpeedConfigError, PrecisionError, check_attention_kernel,
-                            check_deepspeed_config, check_precision, deepspeed_config, deepspeed_config_problems)
+                            check_deepspeed_config, check_precision, deepspeed_config)
+from workers.deepspeed_check import deepspeed_config_problems
 from workers.metrics import mfu, peak_flops_by_name
 
 
@@ -99,11 +102,36 @@ def test_a_deepspeed_key_deepspeed_would_ignore_is_named_before_submission():
         check_deepspeed_config(deepspeed_config(TrainSpec(deepspeed={"steps_per_prnt": 5})))
 
 
+@pytest.mark.parametrize("extra, path, why", [
+    # a section DeepSpeed reads key by key: the README's own bf16-autocast example, misspelt
+    ({"torch_autocast": {"enabeld": True}}, "train.deepspeed.torch_autocast.enabeld",
+     r"^not a setting DeepSpeed \S+ reads, so it would be ignored; did you mean enabled\?$"),
+    ({"checkpoint": {"parallel_write": {"pipeline_stag": True}}}, "train.deepspeed.checkpoint.parallel_write.pipeline_stag",
+     r"did you mean pipeline_stage\?$"),
+    # a section a schema checks: named by where it sits in the config, not by DeepSpeed's model
+    ({"timers": {"throughput": {"enabeld": True}}}, "train.deepspeed.timers.throughput.enabeld",
+     r"^Extra inputs are not permitted"),
+    ({"tensorboard": {"outpt_path": "tb"}}, "train.deepspeed.tensorboard.outpt_path", r"^Extra inputs are not permitted"),
+    # a block DeepSpeed removed: its own message, under the field's name
+    ({"elasticity": {"enabled": False}}, "train.deepspeed", r"^Elastic training has been removed"),
+])
+def test_nested_deepspeed_keys_are_checked_where_they_sit(extra, path, why):
+    with pytest.raises(SpecError) as refused:
+        parse_spec({"kind": "pretrain", "name": "a", "data": "d", "train": {"deepspeed": extra}})
+    [line] = str(refused.value).splitlines()[1:]
+    location, _, message = line.removeprefix("  - ").partition(": ")
+    assert location == path
+    assert re.search(why, message), message
+
+
 @pytest.mark.parametrize("extra", [
     {"wall_clock_breakdown": True},
     {"activation_checkpointing": {"partition_activations": False}},  # read as `key in config.keys()`
     {"flops_profiler": {"enabled": False}},
-    {"checkpoint": {"tag_validation": "Warn"}},
+    {"checkpoint": {"tag_validation": "Warn", "parallel_write": {"pipeline_stage": False}}},
+    {"torch_autocast": {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": ["torch.nn.Linear"]}},
+    {"timers": {"throughput": {"enabled": True, "synchronized": False}}},
+    {"zero_optimization": {"reduce_bucket_size": 1000, "overlap_comm": False}},
     {"sequence_parallel_size": 1},  # read by deepspeed.initialize, not by its config parser
 ])
 def test_keys_deepspeed_reads_pass_the_check(extra):
