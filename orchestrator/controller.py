@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Iterator
 
 from model import GPTConfig, GPTTokenizer, config_from_preset
-from orchestrator.ray_runtime import checkpoint_uri, ensure_ray, forwarded_env, train_storage
+from orchestrator.ray_runtime import checkpoint_uri, embedded_ray_shortfall, ensure_ray, forwarded_env, train_storage
 from orchestrator.registry import CHECKPOINT_TAG, register_and_move_aliases
 from orchestrator.runs import JobRun, resolve_tracking_uri
 from orchestrator.spec import FinetuneSpec, PretrainSpec
@@ -194,6 +194,14 @@ def run_training(prepared: PreparedJob, address: str | None = None, on_run=print
     from workers.train_loop import train_loop_per_worker
 
     spec, job = prepared.spec, prepared.worker_job
+    ensure_ray(address)
+    workers = spec.cluster.num_workers
+    shortfall = embedded_ray_shortfall(
+        cpus=(workers * spec.cluster.cpus_per_worker,
+              f"cluster.num_workers × cluster.cpus_per_worker ({workers} × {spec.cluster.cpus_per_worker:g})"),
+        gpus=(workers if spec.cluster.use_gpu else 0, f"cluster.use_gpu with cluster.num_workers {workers}"))
+    if shortfall:  # before the run is opened: nothing was started
+        raise JobInputError(f"job {spec.name}: {shortfall}")
     tracker = JobRun(job.tracking_uri, spec.tracking.experiment)
     params = {"spec": spec.model_dump(mode="json"), "model_config": job.model_config,
               "data": {"seq_len": prepared.manifest.seq_len, "vocab_size": prepared.manifest.vocab_size,
@@ -201,7 +209,6 @@ def run_training(prepared: PreparedJob, address: str | None = None, on_run=print
     job.run_id = tracker.open(spec.name, job.kind, spec.storage_path, params, job.parent_run_id)
     on_run(f"[gptctl] MLflow run {job.run_id}: {tracker.url(job.run_id)}")
 
-    ensure_ray(address)
     storage_path, filesystem = train_storage(spec.storage_path, spec.train.checkpoint_upload == "parallel")
     model_name = spec.tracking.registered_model or spec.name
     callbacks = [StopOnInputError()]

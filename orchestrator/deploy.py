@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 
 from orchestrator.controller import JobInputError, require_checkpoint
-from orchestrator.ray_runtime import ensure_ray, forwarded_env
+from orchestrator.ray_runtime import embedded_ray_shortfall, ensure_ray, forwarded_env
 from orchestrator.serve.options import ServeOptions, hash_api_key
 from orchestrator.spec import DeploySpec, SpecError
 
@@ -77,6 +77,14 @@ def deployment_options(spec: DeploySpec) -> dict:
     return options
 
 
+def _replica_resources(spec: DeploySpec) -> tuple[tuple[float, str], tuple[float, str]]:
+    """(CPUs, GPUs) the first replicas take, each with the fields that ask for them."""
+    field = "num_replicas" if spec.min_replicas is None and spec.max_replicas is None else "min_replicas"
+    replicas = spec.num_replicas if field == "num_replicas" else max(spec.min_replicas or 1, 1)
+    return ((replicas * spec.cpus_per_replica, f"{field} × cpus_per_replica ({replicas} × {spec.cpus_per_replica:g})"),
+            (replicas * spec.gpus_per_replica, f"{field} × gpus_per_replica ({replicas} × {spec.gpus_per_replica:g})"))
+
+
 def build_application(spec: DeploySpec):
     """The bound Serve application for a deploy spec: what `deploy` runs and what a Serve
     config / KubeRay RayService imports (orchestrator.serve.app:build_app)."""
@@ -110,6 +118,9 @@ def deploy(spec: DeploySpec, address: str | None = None, wait_s: float = 120.0) 
     require_checkpoint(spec.checkpoint, "checkpoint")
     app = build_application(spec)  # bad options fail here, before Ray starts
     ensure_ray(address)
+    shortfall = embedded_ray_shortfall(*_replica_resources(spec))
+    if shortfall:  # Serve would wait for the replicas forever
+        raise JobInputError(f"deploy {spec.name}: {shortfall}")
     from ray import serve
 
     # http_options only take effect when Serve first starts on this cluster

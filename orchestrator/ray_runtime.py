@@ -35,6 +35,9 @@ def forwarded_env() -> dict[str, str]:
     return {key: os.environ[key] for key in FORWARDED_ENV if os.environ.get(key)}
 
 
+_embedded = False  # whether ensure_ray started this process's Ray itself (one node that never grows)
+
+
 def ensure_ray(address: str | None = None, num_cpus: int | None = None, temp_dir: str | None = None) -> None:
     """Join `address` (or $RAY_ADDRESS) if given, else start an embedded single-node Ray.
 
@@ -64,6 +67,28 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, temp_dir
         if temp_dir:
             kwargs["_temp_dir"] = temp_dir
     ray.init(**kwargs)
+    global _embedded
+    _embedded = not address
+
+
+def embedded_ray_shortfall(cpus: tuple[float, str], gpus: tuple[float, str]) -> str | None:
+    """What the embedded Ray lacks for a request, or None if it fits. Each need comes as
+    (amount, how the spec asks for it), so the message names the fields to change.
+
+    Ray Train and Ray Serve wait for resources a cluster may still gain by autoscaling (Ray
+    Train retrying every 60 s, forever): on the embedded single-node Ray, which never grows, a
+    request too big for it would hang the job or the deployment. A cluster reached by address
+    is left to Ray's scheduler."""
+    import ray
+
+    if not _embedded or not ray.is_initialized():
+        return None
+    total = ray.cluster_resources()
+    for (amount, asked), resource in ((cpus, "CPU"), (gpus, "GPU")):
+        if amount > total.get(resource, 0):
+            return (f"{asked} needs {amount:g} {resource}{'s' if amount != 1 else ''}, but the embedded Ray on this "
+                    f"machine has {total.get(resource, 0):g}; ask for less, or use a Ray cluster (--address)")
+    return None
 
 
 def train_storage(storage_path: str, parallel_parts: bool = False):

@@ -87,3 +87,19 @@ def test_redeploy_keeps_serving(auth_app, serve_checkpoints):
     assert health["checkpoint"] == str(serve_checkpoints[1])
     assert len(statuses) > 8 and set(statuses) == {200}, statuses
     assert answer().json()["choices"][0]["text"] != old_text, "the new checkpoint answers now"
+
+
+def test_replicas_the_embedded_ray_cannot_hold_are_refused_at_once(ray_cluster, serve_checkpoints):
+    """Serve would wait for such replicas forever; the embedded Ray never grows."""
+    import ray
+
+    from orchestrator.controller import JobInputError
+
+    if not ray.cluster_resources().get("GPU"):
+        with pytest.raises(JobInputError, match=r"^deploy t-too-big: num_replicas × gpus_per_replica \(2 × 1\) needs "
+                                                 r"2 GPUs, but the embedded Ray on this machine has 0"):
+            deploy_app(name="t-too-big", checkpoint=str(serve_checkpoints[0]), route_prefix="/t-too-big",
+                       num_replicas=2, gpus_per_replica=1)
+    with pytest.raises(JobInputError, match=r"min_replicas × cpus_per_replica \(2 × 64\) needs 128 CPUs"):
+        deploy_app(name="t-too-big", checkpoint=str(serve_checkpoints[0]), route_prefix="/t-too-big",
+                   min_replicas=2, max_replicas=3, cpus_per_replica=64)

@@ -110,6 +110,30 @@ def test_a_bad_input_error_on_a_worker_is_not_retried(workdir, ray_cluster):
     assert run.info.status == "FAILED"
 
 
+def test_a_worker_group_the_embedded_ray_cannot_hold_is_refused_before_it_starts(workdir, ray_cluster):
+    """Ray Train would wait for the resources (a cluster may autoscale), retrying every 60 s and
+    forever; the embedded Ray never grows, so the job is refused at once and opens no run."""
+    import ray
+
+    from orchestrator.controller import JobInputError
+
+    spec = _spec(workdir, "too-big-for-this-ray")
+    spec["cluster"].update(num_workers=3, cpus_per_worker=2)
+    cpus = ray.cluster_resources()["CPU"]
+    with pytest.raises(JobInputError, match=rf"cluster\.num_workers × cluster\.cpus_per_worker \(3 × 2\) needs 6 CPUs, "
+                                             rf"but the embedded Ray on this machine has {cpus:g}"):
+        run_training(prepare_job(parse_spec(spec)))
+    if not ray.cluster_resources().get("GPU"):
+        spec["cluster"].update(num_workers=1, cpus_per_worker=1, use_gpu=True)
+        with pytest.raises(JobInputError, match=r"cluster\.use_gpu with cluster\.num_workers 1 needs 1 GPU, but the "
+                                                 r"embedded Ray on this machine has 0"):
+            run_training(prepare_job(parse_spec(spec)))
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("training")
+    assert experiment is None or not client.search_runs(
+        [experiment.experiment_id], filter_string="tags.`gptctl.job` = 'too-big-for-this-ray'")
+
+
 def test_resuming_a_job_with_another_model_or_zero_layout_names_the_field(workdir, ray_cluster):
     """Resubmitting under the same name resumes; with another model, or a ZeRO stage that cannot
     read the checkpoint, the job stops at its first attempt naming the field (not a DeepSpeed
