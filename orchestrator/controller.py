@@ -14,7 +14,7 @@ from typing import Iterator
 from model import GPTConfig, GPTTokenizer, config_from_preset
 from orchestrator.ray_runtime import checkpoint_uri, embedded_ray_shortfall, ensure_ray, forwarded_env, train_storage
 from orchestrator.registry import CHECKPOINT_TAG, register_and_move_aliases
-from orchestrator.runs import JobRun, resolve_tracking_uri
+from orchestrator.runs import JobRun, check_tracking_reachable, resolve_tracking_uri
 from orchestrator.spec import FinetuneSpec, PretrainSpec
 from workers import storage
 from workers.checkpointing import REQUIRED_SERVING_FILES
@@ -148,6 +148,8 @@ def prepare_job(spec: PretrainSpec | FinetuneSpec) -> PreparedJob:
         raise JobInputError("debug.trace_samples: needs a local storage_path")
     if manifest.total_rows("train") == 0:
         raise JobInputError(f"data: {spec.data} has no train rows")
+    tracking_uri = resolve_tracking_uri(spec.tracking.uri)
+    check_tracking_reachable(tracking_uri)
     run_dir = job_run_dir(spec)
     env = forwarded_env()
     if not spec.cluster.use_gpu:
@@ -157,7 +159,7 @@ def prepare_job(spec: PretrainSpec | FinetuneSpec) -> PreparedJob:
     job = WorkerJob(
         job_name=spec.name, kind=kind, data_uri=spec.data, train=spec.train.model_dump(),
         model_config=config.to_dict(), val_shards=manifest.shard_names("val"),
-        tracking_uri=resolve_tracking_uri(spec.tracking.uri), parent_run_id=parent_run_id,
+        tracking_uri=tracking_uri, parent_run_id=parent_run_id,
         init_from=getattr(spec, "init_from", None),
         extra={"env": env, "debug": spec.debug.model_dump(),
                "system_metrics_interval_s": spec.tracking.system_metrics_interval_s,

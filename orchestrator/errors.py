@@ -7,6 +7,7 @@ from orchestrator.controller import JobFailed, JobInputError
 from orchestrator.data.prepare import DataError
 from orchestrator.export import ConsolidationError, HFFormatError
 from orchestrator.registry import RegistryError
+from orchestrator.runs import TrackingUnreachable
 from orchestrator.spec import SpecError
 from workers.engine import AttentionKernelError, DeepSpeedConfigError, PrecisionError
 from workers.shards import ManifestError
@@ -14,6 +15,6 @@ from workers.storage import StorageError
 
 BAD_INPUT_ERRORS: tuple[type[BaseException], ...] = (
     SpecError, JobInputError, DataError, StorageError, PrecisionError, AttentionKernelError, FileNotFoundError,
-    HFFormatError, ConsolidationError, RegistryError, ManifestError, DeepSpeedConfigError,
+    HFFormatError, ConsolidationError, RegistryError, ManifestError, DeepSpeedConfigError, TrackingUnreachable,
 )
 FAILED_ERRORS: tuple[type[BaseException], ...] = (JobFailed, TimeoutError, RuntimeError, httpx.HTTPError)

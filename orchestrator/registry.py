@@ -245,7 +245,10 @@ def resolve_model_uri(uri: str, tracking_uri: str, dst_dir: str | None = None) -
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
+    from orchestrator.runs import check_tracking_reachable
+
     name, alias, version = parse_model_uri(uri)
+    check_tracking_reachable(tracking_uri, needed_by=uri)
     client = MlflowClient(tracking_uri=tracking_uri)
     try:
         if alias is not None:

@@ -25,6 +25,35 @@ def resolve_tracking_uri(uri: str | None) -> str:
     return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+class TrackingUnreachable(ConnectionError):
+    """The MLflow tracking server does not answer, so the job's run cannot be opened."""
+
+
+def check_tracking_reachable(uri: str, needed_by: str = "tracking.uri", attempts: int = 3,
+                             timeout_s: float = 5.0) -> None:
+    """Fail in seconds, naming what needs it, when an MLflow server at an http(s) URI does not answer.
+
+    MLflow's client retries a refused connection with backoff for about four minutes and then
+    raises a bare MlflowException. Any HTTP answer counts as reachable (auth is MLflow's to
+    check); a few attempts give a server that is just starting time to come up."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import time
+
+    import httpx
+
+    for attempt in range(attempts):
+        try:
+            httpx.get(f"{uri.rstrip('/')}/health", timeout=timeout_s)
+            return
+        except httpx.TransportError as error:
+            reason = str(error) or type(error).__name__
+        if attempt + 1 < attempts:
+            time.sleep(2.0)
+    raise TrackingUnreachable(f"{needed_by}: the MLflow server at {uri} does not answer ({reason}); start it, or "
+                              f"point the tracking URI (the spec's, or MLFLOW_TRACKING_URI) at one that runs")
+
+
 def flatten_params(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
     """Dotted keys for MLflow params, with anything that looks like a secret redacted."""
     flat: dict[str, str] = {}

@@ -73,3 +73,41 @@ def test_console_script_exit_code(tmp_path):
     done = subprocess.run([gptctl, "validate", spec], capture_output=True, text=True, timeout=120)
     assert done.returncode == EXIT_BAD_INPUT
     assert "init_from" in done.stderr and "data" in done.stderr
+
+
+def test_an_mlflow_server_that_does_not_answer_is_named_in_seconds(tmp_path, capsys):
+    """MLflow's client would retry for ~4 minutes and end in a bare MlflowException."""
+    import pytest
+
+    from orchestrator.runs import TrackingUnreachable, check_tracking_reachable
+
+    server = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(TrackingUnreachable, match=rf"^tracking\.uri: the MLflow server at {server} does not answer"):
+        check_tracking_reachable(server, attempts=1)
+    spec = _write(tmp_path / "deploy.yaml", f"kind: deploy\ncheckpoint: models:/qa@best\ntracking_uri: {server}\n")
+    code, err = _run(["submit", spec], capsys)
+    assert code == EXIT_BAD_INPUT and f"models:/qa@best: the MLflow server at {server} does not answer" in err
+
+
+def test_any_http_answer_means_the_tracking_server_is_up():
+    """Auth and paths are MLflow's to judge; only a missing server is refused early."""
+    import http.server
+    import threading
+
+    from orchestrator.runs import check_tracking_reachable
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_error(404)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        check_tracking_reachable(f"http://127.0.0.1:{server.server_port}", attempts=1)
+        check_tracking_reachable("sqlite:///nowhere/mlflow.db")  # a local store: nothing to reach
+    finally:
+        server.shutdown()
+        server.server_close()
