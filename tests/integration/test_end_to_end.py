@@ -48,9 +48,12 @@ def test_prepare_shards_into_s3(s3_endpoint, tmp_path_factory):
 
 
 def _alive_train_controllers() -> list:
+    import ray
     from ray.util.state import list_actors
 
-    return list_actors(filters=[("class_name", "=", "TrainController"), ("state", "=", "ALIVE")])
+    # this session's Ray by address: without one, another Ray on the machine makes the lookup ambiguous
+    return list_actors(address=ray.get_runtime_context().gcs_address,
+                       filters=[("class_name", "=", "TrainController"), ("state", "=", "ALIVE")])
 
 
 def test_pretrain_two_workers_zero2_loss_falls(mlflow_server, ray_cluster):
