@@ -5,9 +5,9 @@ reads the others key by key (`get`, `in`, `[]`) and never looks at keys it does 
 `{"wall_clock_breakdwn": true}` or `{"torch_autocast": {"enabeld": true}}` trains without a
 word, with the setting left at its default. This module parses a config the way
 deepspeed.initialize does, through a dict that records each key DeepSpeed looks up, and names
-the keys it never asked for. Asking the installed DeepSpeed keeps no hand-written key list
-that would go stale with each release; written by hand because neither DeepSpeed nor pydantic
-offers such a check.
+the top-level keys it never asked for, and inside sections the near misses of keys it did ask
+for. Asking the installed DeepSpeed keeps no hand-written key list that would go stale with
+each release; written by hand because neither DeepSpeed nor pydantic offers such a check.
 """
 from __future__ import annotations
 
@@ -102,7 +102,13 @@ def deepspeed_config_problems(config: dict[str, Any]) -> list[tuple[str, str]]:
         if not path:
             keys = [key for key in keys if key not in _KEYS_READ_BY_INITIALIZE]
             known = known | _KEYS_READ_BY_INITIALIZE
-        problems.extend(_ignored_key(path, key, known) for key in keys)
+        for key in keys:
+            close = difflib.get_close_matches(str(key), sorted(map(str, known)), n=1)
+            # Inside a section, only a near miss of a key DeepSpeed asked for is named: DeepSpeed
+            # might read the section's other keys some way the recorder does not see, and a
+            # wrong refusal would leave a valid config no way to run.
+            if close or not path:
+                problems.append(_ignored_key(path, key, close[0] if close else None))
     return problems
 
 
@@ -160,9 +166,8 @@ def _section(config: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
     return config
 
 
-def _ignored_key(path: tuple[str, ...], key: str, known: set[str]) -> tuple[str, str]:
-    close = difflib.get_close_matches(key, sorted(map(str, known)), n=1)
-    hint = f"; did you mean {close[0]}?" if close else ""
+def _ignored_key(path: tuple[str, ...], key: str, close: str | None) -> tuple[str, str]:
+    hint = f"; did you mean {close}?" if close else ""
     return (".".join((*path, key)),
             f"not a setting DeepSpeed {import_deepspeed().__version__} reads, so it would be ignored{hint}")
 

@@ -139,6 +139,14 @@ def test_keys_deepspeed_reads_pass_the_check(extra):
     assert deepspeed_config_problems(deepspeed_config(TrainSpec(deepspeed=extra))) == []
 
 
+def test_inside_a_section_only_near_misses_are_refused():
+    """DeepSpeed might read a section's other keys unseen; a wrong refusal would block a valid config."""
+    assert deepspeed_config_problems(deepspeed_config(TrainSpec(deepspeed={
+        "torch_autocast": {"enabled": True, "owner_note": "x"}}))) == []
+    [(path, _)] = deepspeed_config_problems(deepspeed_config(TrainSpec(deepspeed={"owner_note": "x"})))
+    assert path == "owner_note"  # DeepSpeed's parser asks for every top-level key it knows
+
+
 def test_single_worker_zero2_skips_the_contiguous_gradient_copy():
     assert deepspeed_config(TrainSpec(zero_stage=2), world_size=1)["zero_optimization"]["contiguous_gradients"] is False
     assert "contiguous_gradients" not in deepspeed_config(TrainSpec(zero_stage=2), world_size=2)["zero_optimization"]
