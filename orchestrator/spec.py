@@ -106,9 +106,9 @@ class _TrainingJob(_JobBase):
         return problems
 
     def _deepspeed_rejects(self) -> list[tuple[str, str]]:
-        """train.deepspeed as this machine's DeepSpeed parses it: a field it rejects, or a top-level
-        key it would silently ignore (a typo). Checked only when set, since it imports DeepSpeed;
-        the worker checks again with the cluster's DeepSpeed."""
+        """train.deepspeed as this machine's DeepSpeed parses it: a field it rejects, or a key it
+        would silently ignore (workers/deepspeed_check.py). Checked only when set, since it imports
+        DeepSpeed; the worker checks again with the cluster's DeepSpeed."""
         if not self.train.deepspeed:
             return []
         from workers.deepspeed_check import deepspeed_config_problems
