@@ -226,6 +226,11 @@ def start_ray_head(
     # DeepSpeed JIT-compiles an op on first use (~45-90 s): the workers use gptctl's cache
     child_env.setdefault("TORCH_EXTENSIONS_DIR", _extensions_dir())
     child_env.pop("RAY_ADDRESS", None)
+    # one node and no autoscaler: a job asking for more than it has is refused, not left waiting
+    # (orchestrator.ray_runtime.fixed_size_shortfall; Ray passes the head's env to job drivers)
+    from orchestrator.ray_runtime import FIXED_SIZE_ENV
+
+    child_env[FIXED_SIZE_ENV] = "1"
     child_env.update(env or {})
     log = open(log_path, "ab") if log_path else subprocess.DEVNULL
     try:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Iterator
 
 from model import GPTConfig, GPTTokenizer, config_from_preset
-from orchestrator.ray_runtime import checkpoint_uri, embedded_ray_shortfall, ensure_ray, forwarded_env, train_storage
+from orchestrator.ray_runtime import checkpoint_uri, fixed_size_shortfall, ensure_ray, forwarded_env, train_storage
 from orchestrator.registry import CHECKPOINT_TAG, register_and_move_aliases
 from orchestrator.runs import JobRun, check_tracking_reachable, resolve_tracking_uri
 from orchestrator.spec import FinetuneSpec, PretrainSpec
@@ -198,7 +198,7 @@ def run_training(prepared: PreparedJob, address: str | None = None, on_run=print
     spec, job = prepared.spec, prepared.worker_job
     ensure_ray(address)
     workers = spec.cluster.num_workers
-    shortfall = embedded_ray_shortfall(
+    shortfall = fixed_size_shortfall(
         cpus=(workers * spec.cluster.cpus_per_worker,
               f"cluster.num_workers × cluster.cpus_per_worker ({workers} × {spec.cluster.cpus_per_worker:g})"),
         gpus=(workers if spec.cluster.use_gpu else 0, f"cluster.use_gpu with cluster.num_workers {workers}"))

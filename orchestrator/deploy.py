@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 
 from orchestrator.controller import JobInputError, require_checkpoint
-from orchestrator.ray_runtime import embedded_ray_shortfall, ensure_ray, forwarded_env
+from orchestrator.ray_runtime import fixed_size_shortfall, ensure_ray, forwarded_env
 from orchestrator.serve.options import ServeOptions, hash_api_key
 from orchestrator.spec import DeploySpec, SpecError
 
@@ -118,7 +118,7 @@ def deploy(spec: DeploySpec, address: str | None = None, wait_s: float = 120.0) 
     require_checkpoint(spec.checkpoint, "checkpoint")
     app = build_application(spec)  # bad options fail here, before Ray starts
     ensure_ray(address)
-    shortfall = embedded_ray_shortfall(*_replica_resources(spec))
+    shortfall = fixed_size_shortfall(*_replica_resources(spec))
     if shortfall:  # Serve would wait for the replicas forever
         raise JobInputError(f"deploy {spec.name}: {shortfall}")
     from ray import serve

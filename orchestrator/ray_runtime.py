@@ -36,6 +36,8 @@ def forwarded_env() -> dict[str, str]:
 
 
 _embedded = False  # whether ensure_ray started this process's Ray itself (one node that never grows)
+# set in a cluster's environment to say it never grows (gptctl's local stack sets it on its head)
+FIXED_SIZE_ENV = "GPTCTL_RAY_FIXED_SIZE"
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None, temp_dir: str | None = None) -> None:
@@ -71,23 +73,25 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, temp_dir
     _embedded = not address
 
 
-def embedded_ray_shortfall(cpus: tuple[float, str], gpus: tuple[float, str]) -> str | None:
-    """What the embedded Ray lacks for a request, or None if it fits. Each need comes as
-    (amount, how the spec asks for it), so the message names the fields to change.
+def fixed_size_shortfall(cpus: tuple[float, str], gpus: tuple[float, str]) -> str | None:
+    """What a Ray that never grows lacks for a request, or None if it fits (or it may grow).
+    Each need comes as (amount, how the spec asks for it), so the message names the fields.
 
     Ray Train and Ray Serve wait for resources a cluster may still gain by autoscaling (Ray
-    Train retrying every 60 s, forever): on the embedded single-node Ray, which never grows, a
-    request too big for it would hang the job or the deployment. A cluster reached by address
-    is left to Ray's scheduler."""
+    Train retrying every 60 s, forever): on the embedded Ray, or a cluster whose environment
+    sets GPTCTL_RAY_FIXED_SIZE=1 (gptctl's local stack), a request too big for it would hang the
+    job or the deployment. Other clusters are left to Ray's scheduler."""
     import ray
 
-    if not _embedded or not ray.is_initialized():
+    if not (_embedded or os.environ.get(FIXED_SIZE_ENV) == "1") or not ray.is_initialized():
         return None
+    where = "the embedded Ray on this machine" if _embedded else "this Ray cluster (it does not autoscale)"
+    remedy = "use a Ray cluster (--address)" if _embedded else "add nodes"
     total = ray.cluster_resources()
     for (amount, asked), resource in ((cpus, "CPU"), (gpus, "GPU")):
         if amount > total.get(resource, 0):
-            return (f"{asked} needs {amount:g} {resource}{'s' if amount != 1 else ''}, but the embedded Ray on this "
-                    f"machine has {total.get(resource, 0):g}; ask for less, or use a Ray cluster (--address)")
+            return (f"{asked} needs {amount:g} {resource}{'s' if amount != 1 else ''}, but {where} has "
+                    f"{total.get(resource, 0):g}; ask for less, or {remedy}")
     return None
 
 

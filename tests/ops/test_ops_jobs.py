@@ -91,6 +91,23 @@ def test_failed_job_exits_1_with_the_reason_in_its_logs(
     assert code == 0 and "manifest.json" in out and tiny_data["empty"] in out
 
 
+def test_a_job_bigger_than_the_local_head_ends_at_once_naming_the_fields(
+        ray_head, tiny_data, tiny_job, write_spec, submitted, gptctl, no_auth, job_id_from):
+    """The head never grows (it says so in its environment): Ray Train would wait for the
+    missing CPUs forever; the job's driver refuses the job before it opens an MLflow run."""
+    from orchestrator.jobs import submit_command
+
+    root = submitted["root"]
+    job = tiny_job("pretrain", "ops-too-big", tiny_data["pretrain"], root / "runs", submitted["tracking"])
+    job["cluster"].update(num_workers=3, cpus_per_worker=2)
+    outputs: list[str] = []
+    code = submit_command(str(write_spec(job, "ops-too-big.yaml")), ray_head.dashboard_url, out=outputs.append)
+    assert code == 1, outputs  # ended (FAILED), not left waiting
+    code, out, _ = gptctl("logs", job_id_from("\n".join(outputs)), "--address", ray_head.dashboard_url)
+    assert ("cluster.num_workers × cluster.cpus_per_worker (3 × 2) needs 6 CPUs, but this Ray cluster "
+            "(it does not autoscale) has 4") in out
+
+
 def test_stop_a_running_job_exits_3(ray_head, tiny_data, tiny_job, write_spec, submitted, gptctl, no_auth):
     root = submitted["root"]
     spec = write_spec(tiny_job("pretrain", "ops-long", tiny_data["pretrain"], root / "runs", submitted["tracking"],
