@@ -167,7 +167,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
         elif meta.get(jobs.METADATA_PIPELINE_STATE):
             print()
             _print_pipeline_state(meta[jobs.METADATA_PIPELINE_STATE])
-        return jobs.exit_code(info.status)
+        return jobs.exit_code(info.status, info.driver_exit_code)
     try:
         _print_run_progress(args.target, args.tracking_uri, quiet_missing=False)
     except RunNotFound as error:
@@ -184,7 +184,7 @@ def _cmd_logs(args: argparse.Namespace) -> int:
     if args.follow:
         status = jobs.follow_logs(address, args.job, out=lambda text: print(text, flush=True))
         print(f"[gptctl] job {args.job} {status}", file=sys.stderr)
-        return jobs.exit_code(status)
+        return jobs.ended_exit_code(address, args.job, status)
     print(jobs.job_logs(address, args.job), end="")
     return EXIT_OK
 
@@ -198,7 +198,7 @@ def _cmd_stop(args: argparse.Namespace) -> int:
     if status == "STOPPED":
         return EXIT_OK
     if status in jobs.TERMINAL:
-        return jobs.exit_code(status)  # it had already ended on its own
+        return jobs.ended_exit_code(address, args.job, status)  # it had already ended on its own
     print(f"gptctl: failed: job {args.job} still {status} after {args.timeout:.0f} s", file=sys.stderr)
     return EXIT_FAILED
 

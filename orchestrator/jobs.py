@@ -15,7 +15,8 @@ supervisor sets.
 
 Exit codes of `status`, `logs --follow`, `stop` and `submit --wait` (EXIT_CODES):
   SUCCEEDED 0, FAILED 1, STOPPED 3; PENDING/RUNNING 0 (not finished yet: nothing went wrong);
-  2 for bad input (unknown job, unreachable address, invalid spec).
+  2 for bad input (unknown job, unreachable address, invalid spec), also when the job's driver
+  found it on the cluster (FAILED with driver exit code 2).
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from orchestrator.spec import _ENV_PATTERN, load_spec
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 EXIT_CODES = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 3, "PENDING": 0, "RUNNING": 0}
-EXIT_STOPPED = 3
+EXIT_BAD_INPUT, EXIT_STOPPED = 2, 3
 RUN_LINE = re.compile(r"\[gptctl\] MLflow run (?P<run_id>[0-9a-fA-F]+): (?P<url>.+)")
 CODE_PACKAGES = ("orchestrator", "workers", "model", "infra")
 # boto3 / pyarrow settings some S3-compatible stores need (s3rver: no aws-chunked uploads)
@@ -48,8 +49,20 @@ class JobsError(ValueError):
     """Bad input for a jobs command: no/unreachable address, unknown job id (exit 2)."""
 
 
-def exit_code(status: Any) -> int:
-    return EXIT_CODES.get(str(getattr(status, "value", status)), 1)
+def exit_code(status: Any, driver_exit_code: int | None = None) -> int:
+    """A failed job whose driver exited 2 refused its input on the cluster: 2, as gptctl exits
+    for the same input on the embedded Ray."""
+    name = str(getattr(status, "value", status))
+    if name == "FAILED" and driver_exit_code == EXIT_BAD_INPUT:
+        return EXIT_BAD_INPUT
+    return EXIT_CODES.get(name, 1)
+
+
+def ended_exit_code(address: str, job_id: str, status: Any) -> int:
+    """exit_code of a job that reached `status`; for a failed one the cluster tells the driver's code."""
+    if str(getattr(status, "value", status)) == "FAILED":
+        return exit_code(status, job_info(address, job_id).driver_exit_code)
+    return exit_code(status)
 
 
 def normalize_address(address: str) -> str:
@@ -194,7 +207,7 @@ def submit_command(spec_path: str, address: str, wait: bool = False, out: Callab
         status = follow_logs(address, job_id, out=out, skip_existing=True)
     if status in TERMINAL:
         out(f"[gptctl] job {job_id} {status}")
-        return exit_code(status)
+        return ended_exit_code(address, job_id, status)
     out(f"[gptctl] job {job_id} is {status}; follow it with: gptctl logs {job_id} --follow --address {address}")
     out(f"[gptctl] progress: gptctl status {job_id} --address {address};  stop: gptctl stop {job_id} --address {address}")
     return 0

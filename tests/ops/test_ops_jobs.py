@@ -70,8 +70,10 @@ def test_submit_prints_mlflow_link_then_logs_follow_to_success(
     assert "status    SUCCEEDED" in out and "step      2 / 2" in out and "tokens/s" in out
 
 
-def test_failed_job_exits_1_with_the_reason_in_its_logs(
+def test_bad_input_found_on_the_cluster_exits_2_with_the_reason_in_its_logs(
         ray_head, tiny_data, tiny_job, write_spec, submitted, gptctl, no_auth, job_id_from):
+    """The job's driver refuses data without a manifest: FAILED, driver exit code 2, and gptctl
+    exits 2 as it would for the same spec on the embedded Ray."""
     root = submitted["root"]
     spec = write_spec(tiny_job("pretrain", "ops-bad", tiny_data["empty"], root / "runs", submitted["tracking"]),
                       "ops-bad.yaml")
@@ -82,13 +84,30 @@ def test_failed_job_exits_1_with_the_reason_in_its_logs(
         outputs: list[str] = []
         code = submit_command(str(spec), ray_head.dashboard_url, out=outputs.append)
         out = "\n".join(outputs)
-    assert code == 1, out
+    assert code == 2, out
     job_id = job_id_from(out)
     submitted["failed"] = job_id
     code, out, _ = gptctl("status", job_id, "--address", ray_head.dashboard_url)
-    assert code == 1 and "status    FAILED" in out
+    assert code == 2 and "status    FAILED (exit code 2)" in out
     code, out, _ = gptctl("logs", job_id, "--address", ray_head.dashboard_url)
     assert code == 0 and "manifest.json" in out and tiny_data["empty"] in out
+
+
+def test_a_job_that_fails_while_training_exits_1(
+        ray_head, tiny_data, tiny_job, write_spec, submitted, gptctl, no_auth, job_id_from):
+    """A worker dies after its first step and no retry is allowed: the job failed, not its input."""
+    from orchestrator.jobs import submit_command
+
+    root = submitted["root"]
+    job = tiny_job("pretrain", "ops-crash", tiny_data["pretrain"], root / "runs", submitted["tracking"],
+                   debug={"fail_at_step": 1})
+    job["cluster"]["max_failures"] = 0
+    outputs: list[str] = []
+    code = submit_command(str(write_spec(job, "ops-crash.yaml")), ray_head.dashboard_url, wait=True,
+                          out=outputs.append)
+    assert code == 1, outputs
+    code, out, _ = gptctl("status", job_id_from("\n".join(outputs)), "--address", ray_head.dashboard_url)
+    assert code == 1 and "status    FAILED (exit code 1)" in out
 
 
 def test_a_job_bigger_than_the_local_head_ends_at_once_naming_the_fields(
@@ -102,7 +121,7 @@ def test_a_job_bigger_than_the_local_head_ends_at_once_naming_the_fields(
     job["cluster"].update(num_workers=3, cpus_per_worker=2)
     outputs: list[str] = []
     code = submit_command(str(write_spec(job, "ops-too-big.yaml")), ray_head.dashboard_url, out=outputs.append)
-    assert code == 1, outputs  # ended (FAILED), not left waiting
+    assert code == 2, outputs  # ended (FAILED, driver exit code 2), not left waiting
     code, out, _ = gptctl("logs", job_id_from("\n".join(outputs)), "--address", ray_head.dashboard_url)
     assert ("cluster.num_workers × cluster.cpus_per_worker (3 × 2) needs 6 CPUs, but this Ray cluster "
             "(it does not autoscale) has 4") in out
