@@ -102,8 +102,9 @@ def deepspeed_config_problems(config: dict[str, Any]) -> list[tuple[str, str]]:
         if not path:
             keys = [key for key in keys if key not in _KEYS_READ_BY_INITIALIZE]
             known = known | _KEYS_READ_BY_INITIALIZE
+        candidates = sorted(map(str, known))
         for key in keys:
-            close = difflib.get_close_matches(str(key), sorted(map(str, known)), n=1)
+            close = difflib.get_close_matches(str(key), candidates, n=1)
             # Inside a section, only a near miss of a key DeepSpeed asked for is named: DeepSpeed
             # might read the section's other keys some way the recorder does not see, and a
             # wrong refusal would leave a valid config no way to run.
@@ -132,7 +133,7 @@ def _config_path(config: dict[str, Any], loc: tuple, model: str) -> str:
     model, so look for the section that holds it (a missing field is named by the model)."""
     inner = tuple(map(str, loc))
     for path in _sections(config):
-        if _holds(_section(config, path), inner):
+        if _holds(config, path + inner):
             return ".".join(path + inner)
     return f"(DeepSpeed's {model}).{'.'.join(inner)}"
 
@@ -146,6 +147,7 @@ def _sections(config: dict[str, Any], path: tuple[str, ...] = ()) -> Iterator[tu
 
 
 def _holds(section: Any, keys: tuple[str, ...]) -> bool:
+    """Whether the nested keys lead somewhere from `section`."""
     for key in keys:
         if not isinstance(section, dict) or key not in section:
             return False
