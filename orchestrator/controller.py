@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Iterator
 
 from model import GPTConfig, GPTTokenizer, config_from_preset
-from orchestrator.ray_runtime import checkpoint_uri, fixed_size_shortfall, ensure_ray, forwarded_env, train_storage
+from orchestrator.ray_runtime import checkpoint_uri, ensure_ray, fixed_size_shortfall, forwarded_env, train_storage
 from orchestrator.registry import CHECKPOINT_TAG, register_and_move_aliases
 from orchestrator.runs import JobRun, check_tracking_reachable, resolve_tracking_uri
 from orchestrator.spec import FinetuneSpec, PretrainSpec

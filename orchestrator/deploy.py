@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 
 from orchestrator.controller import JobInputError, require_checkpoint
-from orchestrator.ray_runtime import fixed_size_shortfall, ensure_ray, forwarded_env
+from orchestrator.ray_runtime import ensure_ray, fixed_size_shortfall, forwarded_env
 from orchestrator.serve.options import ServeOptions, hash_api_key
 from orchestrator.spec import DeploySpec, SpecError
 

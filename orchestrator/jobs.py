@@ -49,20 +49,23 @@ class JobsError(ValueError):
     """Bad input for a jobs command: no/unreachable address, unknown job id (exit 2)."""
 
 
+def _status_name(status: Any) -> str:
+    """A JobStatus or its name, as the name."""
+    return str(getattr(status, "value", status))
+
+
 def exit_code(status: Any, driver_exit_code: int | None = None) -> int:
     """A failed job whose driver exited 2 refused its input on the cluster: 2, as gptctl exits
     for the same input on the embedded Ray."""
-    name = str(getattr(status, "value", status))
-    if name == "FAILED" and driver_exit_code == EXIT_BAD_INPUT:
+    if _status_name(status) == "FAILED" and driver_exit_code == EXIT_BAD_INPUT:
         return EXIT_BAD_INPUT
-    return EXIT_CODES.get(name, 1)
+    return EXIT_CODES.get(_status_name(status), 1)
 
 
 def ended_exit_code(address: str, job_id: str, status: Any) -> int:
     """exit_code of a job that reached `status`; for a failed one the cluster tells the driver's code."""
-    if str(getattr(status, "value", status)) == "FAILED":
-        return exit_code(status, job_info(address, job_id).driver_exit_code)
-    return exit_code(status)
+    failed = _status_name(status) == "FAILED"
+    return exit_code(status, job_info(address, job_id).driver_exit_code if failed else None)
 
 
 def normalize_address(address: str) -> str:
