@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -121,6 +122,10 @@ def build_engine(model: GPT, train: TrainSpec):
     world_size = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
     config = deepspeed_config(train, world_size)
     check_deepspeed_config(config)
+    # DeepSpeed 0.19's ZeRO calls torch's deprecated all_gather_into_tensor; the FutureWarning
+    # (once per worker, pointing into site-packages) asks nothing of a gptctl user
+    warnings.filterwarnings("ignore", message="`torch.distributed.all_gather_into_tensor` is deprecated",
+                            category=FutureWarning)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     if train.compile:
         engine.compile()
