@@ -25,6 +25,21 @@ def _val_losses(tracking_uri: str, run_id: str) -> tuple[float, float]:
     return history[0].value, history[-1].value
 
 
+def _delete_app(name: str) -> None:
+    """Stop the demo's own Serve app, if it started, before Ray goes.
+
+    Not serve.shutdown(): on a Ray joined through RAY_ADDRESS that would stop every app there,
+    and on the embedded Ray it kills Serve's controller while its graceful-shutdown call is
+    still queued, which the raylet then logs as a failed task."""
+    from ray import serve
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        serve.delete(name)
+    except RayServeException:  # Serve never started: the deploy failed before it
+        pass
+
+
 def run_demo(workdir: str | Path = "demo_output", port: int = 8000, pretrain_steps: int = 300,
              finetune_steps: int = 150) -> dict:
     import ray
@@ -72,9 +87,7 @@ def run_demo(workdir: str | Path = "demo_output", port: int = 8000, pretrain_ste
         question, expected = _held_out_example(corpus["qa_val"])
         reply = query(url, question, max_tokens=24, temperature=0.0)
     finally:
-        from ray import serve
-
-        serve.shutdown()
+        _delete_app("demo")
         ray.shutdown()
 
     print("\n========== gptctl demo ==========")
