@@ -34,8 +34,10 @@ def check_tracking_reachable(uri: str, needed_by: str = "tracking.uri", attempts
     """Fail in seconds, naming what needs it, when an MLflow server at an http(s) URI does not answer.
 
     MLflow's client retries a refused connection with backoff for about four minutes and then
-    raises a bare MlflowException. Any HTTP answer counts as reachable (auth is MLflow's to
-    check); a few attempts give a server that is just starting time to come up."""
+    raises a bare MlflowException. Any HTTP answer counts as reachable: auth and which
+    certificates to trust (REQUESTS_CA_BUNDLE, MLFLOW_TRACKING_SERVER_CERT_PATH, ...) are MLflow's
+    to check, so the probe, which sends nothing and reads nothing, does not verify TLS. A few
+    attempts give a server that is just starting time to come up."""
     if not uri.startswith(("http://", "https://")):
         return
     import time
@@ -44,7 +46,7 @@ def check_tracking_reachable(uri: str, needed_by: str = "tracking.uri", attempts
 
     for attempt in range(attempts):
         try:
-            httpx.get(f"{uri.rstrip('/')}/health", timeout=timeout_s)
+            httpx.get(f"{uri.rstrip('/')}/health", timeout=timeout_s, verify=False)
             return
         except httpx.TransportError as error:
             reason = str(error) or type(error).__name__
