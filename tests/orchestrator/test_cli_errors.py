@@ -1,10 +1,15 @@
 """Bad input: a clear message naming the field or file, exit code 2, nothing submitted."""
 from __future__ import annotations
 
+import contextlib
+import http.server
 import shutil
+import ssl
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from typing import Iterator
 
 
 from infra.s3_endpoint import free_port
@@ -89,28 +94,35 @@ def test_an_mlflow_server_that_does_not_answer_is_named_in_seconds(tmp_path, cap
     assert code == EXIT_BAD_INPUT and f"models:/qa@best: the MLflow server at {server} does not answer" in err
 
 
-def test_any_http_answer_means_the_tracking_server_is_up():
-    """Auth and paths are MLflow's to judge; only a missing server is refused early."""
-    import http.server
-    import threading
-
-    from orchestrator.runs import check_tracking_reachable
-
-    class NotFound(http.server.BaseHTTPRequestHandler):
+@contextlib.contextmanager
+def _server_answering(status: int, tls: ssl.SSLContext | None = None) -> Iterator[str]:
+    """A loopback HTTP(S) server answering every GET with `status`; yields its base URL."""
+    class Answer(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
-            self.send_error(404)
+            self.send_response(status)
+            self.end_headers()
 
         def log_message(self, *args):
             pass
 
-    server = http.server.HTTPServer(("127.0.0.1", 0), NotFound)
+    server = http.server.HTTPServer(("127.0.0.1", 0), Answer)
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        check_tracking_reachable(f"http://127.0.0.1:{server.server_port}", attempts=1)
-        check_tracking_reachable("sqlite:///nowhere/mlflow.db")  # a local store: nothing to reach
+        yield f"{'https' if tls else 'http'}://127.0.0.1:{server.server_port}"
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_any_http_answer_means_the_tracking_server_is_up():
+    """Auth and paths are MLflow's to judge; only a missing server is refused early."""
+    from orchestrator.runs import check_tracking_reachable
+
+    with _server_answering(404) as url:
+        check_tracking_reachable(url, attempts=1)
+    check_tracking_reachable("sqlite:///nowhere/mlflow.db")  # a local store: nothing to reach
 
 
 def test_a_tracking_server_behind_a_private_certificate_is_up(tmp_path):
@@ -118,9 +130,6 @@ def test_a_tracking_server_behind_a_private_certificate_is_up(tmp_path):
     MLFLOW_TRACKING_SERVER_CERT_PATH, MLFLOW_TRACKING_INSECURE_TLS): a server whose certificate
     the probe's own trust store does not know still answers."""
     import datetime
-    import http.server
-    import ssl
-    import threading
 
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
@@ -138,22 +147,7 @@ def test_a_tracking_server_behind_a_private_certificate_is_up(tmp_path):
     (tmp_path / "cert.pem").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
     (tmp_path / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                          serialization.NoEncryption()))
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
-
-    class Health(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.HTTPServer(("127.0.0.1", 0), Health)
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        check_tracking_reachable(f"https://127.0.0.1:{server.server_port}", attempts=1)
-    finally:
-        server.shutdown()
-        server.server_close()
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    with _server_answering(200, tls) as url:
+        check_tracking_reachable(url, attempts=1)
