@@ -22,15 +22,16 @@ from orchestrator import spec
 
 COMMAND = "python -m orchestrator.spec_docs > docs/job-spec.md"
 
-# the kinds a spec file may have, then the sections they embed, in the order the page shows them
-KINDS: tuple[tuple[str, type[BaseModel]], ...] = (
-    ("pretrain", spec.PretrainSpec), ("finetune", spec.FinetuneSpec),
-    ("deploy", spec.DeploySpec), ("pipeline", spec.PipelineSpec),
-)
-STAGES: tuple[tuple[str, type[BaseModel], type[BaseModel]], ...] = (
-    ("pretrain", spec.PretrainStage, spec.PretrainSpec), ("finetune", spec.FinetuneStage, spec.FinetuneSpec),
-    ("deploy", spec.DeployStage, spec.DeploySpec),
-)
+
+def _kinds(union: Any) -> tuple[tuple[str, type[BaseModel]], ...]:
+    """(kind, model) of each member of a discriminated union, so a new kind is documented too."""
+    members = typing.get_args(typing.get_args(union)[0])
+    return tuple((typing.get_args(m.model_fields["kind"].annotation)[0], m) for m in members)
+
+
+# the kinds a spec file may have; pipeline stages with the kind each extends
+KINDS = _kinds(spec.JobSpec)
+STAGES = tuple((kind, stage, stage.__mro__[1]) for kind, stage in _kinds(spec.PipelineStage))
 
 HEADER = f"""# Job spec reference
 
@@ -76,7 +77,8 @@ def _models_in(annotation: Any) -> Iterator[type[BaseModel]]:
 
 
 def anchor(model: type[BaseModel]) -> str:
-    return _section_name(model).replace(":", "").replace(" ", "-").lower()
+    """The id GitHub gives the section's heading: lower case, punctuation dropped, spaces as -."""
+    return re.sub(r"[^\w\- ]", "", _section_name(model).lower()).replace(" ", "-")
 
 
 def _section_name(model: type[BaseModel]) -> str:
@@ -101,8 +103,8 @@ def type_text(annotation: Any) -> str:
         return " / ".join(f"`{value}`" for value in args)
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in args if a is not type(None)]
-        if all(isinstance(a, type) and issubclass(a, BaseModel) for a in
-               (typing.get_args(i)[0] if typing.get_origin(i) is typing.Annotated else i for i in inner)):
+        models = [m for i in inner for m in _models_in(i)]
+        if len(models) > 1:  # the pipeline's stage union: documented under "Pipeline stages"
             return "stage"
         text = " or ".join(type_text(a) for a in inner)
         return f"{text} or null" if len(inner) < len(args) else text
