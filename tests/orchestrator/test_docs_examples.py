@@ -84,6 +84,11 @@ ALL_BLOCKS = [(page, marked, text) for page in PAGES for marked, text in shell_b
 PAGES_WITH_TESTS = [page for page in PAGES if any(marked for marked, _ in shell_blocks(page))]
 
 
+def test_readme_stays_short():
+    """Reference and tuning notes go to a docs/ page of their own (issue #19)."""
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 120
+
+
 def test_docs_have_runnable_examples():
     assert (ROOT / "docs").is_dir() and len(PAGES_WITH_TESTS) >= 5, [p.name for p in PAGES_WITH_TESTS]
 
