@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     # one core stays with Ray's own processes (raylet, GCS, dashboard, Ray Train's controller and
     # helper actors: ~10 % of a core together), as a GPU node's CPU does; when training takes every
-    # core they pre-empt one of torch's lock-stepped threads and the other waits (README)
+    # core they pre-empt one of torch's lock-stepped threads and the other waits (docs/performance.md)
     parser.add_argument("--threads", type=int, default=max(1, len(os.sched_getaffinity(0)) - 1))
     parser.add_argument("--n-layer", type=int, default=4)
     parser.add_argument("--n-embd", type=int, default=256)

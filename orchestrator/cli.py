@@ -38,7 +38,9 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from orchestrator.cli_serve import add_deploy_flags, add_sampling_flags
 
-    parser = argparse.ArgumentParser(prog="gptctl", description=__doc__)
+    from orchestrator.cli_help import QUICK_START
+
+    parser = argparse.ArgumentParser(prog="gptctl", description=QUICK_START.splitlines()[0])
     parser.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (sets AWS_ENDPOINT_URL)")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_data(sub)
@@ -82,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=_cmd_demo)
     for module_name in FEATURE_COMMANDS:
         importlib.import_module(module_name).register(sub)
-    return parser
+    from orchestrator.cli_help import add_examples
+
+    return add_examples(parser)
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
@@ -174,6 +178,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:  # a bare `gptctl` asks what to do: answer with the quick start, not a usage error
+        from orchestrator.cli_help import QUICK_START
+
+        print(QUICK_START, end="")
+        return EXIT_OK
     args = build_parser().parse_args(argv)
     if args.s3_endpoint:
         os.environ["AWS_ENDPOINT_URL"] = args.s3_endpoint

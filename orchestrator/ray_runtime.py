@@ -120,9 +120,10 @@ def train_storage(storage_path: str, parallel_parts: bool = False):
     # Ray uploads a checkpoint file in 64 MB chunks on a background thread already. With
     # pyarrow's own background writes on top, parts go out concurrently, but every chunk read
     # ahead of the network waits in memory (up to the whole checkpoint), and the first upload
-    # pays for faulting all that memory in on the worker's CPU (README, "Checkpoint upload in
-    # flight"). Blocking writes hold one chunk and one part; the upload is no less asynchronous
-    # for the training loop, only slower where a single connection is the bottleneck.
+    # pays for faulting all that memory in on the worker's CPU (docs/performance.md, "Checkpoint
+    # upload modes"; the measurements are in git log). Blocking writes hold one chunk and one
+    # part; the upload is no less asynchronous for the training loop, only slower where a single
+    # connection is the bottleneck.
     options["background_writes"] = parallel_parts
     return f"{bucket}/{key}".rstrip("/"), pyarrow.fs.S3FileSystem(**options)
 

@@ -23,21 +23,22 @@ class SpecError(ValueError):
 class ModelSpec(StrictModel):
     """Which GPT to build. `preset` picks the sizes; the other fields override it."""
 
-    preset: str = "tiny"
-    n_layer: int | None = Field(default=None, ge=1)
-    n_head: int | None = Field(default=None, ge=1)
-    n_embd: int | None = Field(default=None, ge=8)
-    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    preset: str = Field(default="tiny", description="base sizes: tiny, gpt2, gpt2-medium, gpt2-large or gpt2-xl")
+    n_layer: int | None = Field(default=None, ge=1, description="transformer blocks; default: the preset's")
+    n_head: int | None = Field(default=None, ge=1, description="attention heads per block; default: the preset's")
+    n_embd: int | None = Field(default=None, ge=8, description="embedding width; default: the preset's")
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="dropout probability in training")
 
     def overrides(self) -> dict[str, Any]:
         return {k: v for k, v in self.model_dump(exclude={"preset"}).items() if v is not None}
 
 
 class ClusterSpec(StrictModel):
-    num_workers: int = Field(default=2, ge=1)
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(default=1.0, gt=0)
-    max_failures: int = Field(default=0, ge=-1, description="-1 retries forever")
+    num_workers: int = Field(default=2, ge=1, description="Ray Train workers (training processes)")
+    use_gpu: bool = Field(default=False, description="one GPU per worker; without it workers train on CPU")
+    cpus_per_worker: float = Field(default=1.0, gt=0, description="CPUs Ray reserves for each worker")
+    max_failures: int = Field(default=0, ge=-1, description="restarts of the worker group from its last checkpoint "
+                              "after a failure; -1 retries forever")
 
 
 class TrackingSpec(StrictModel):
@@ -47,8 +48,8 @@ class TrackingSpec(StrictModel):
     @classmethod
     def _empty_is_default(cls, value: Any) -> Any:
         return None if value == "" else value
-    experiment: str = "gptctl"
-    registered_model: str | None = Field(default=None, description="default: the job name")
+    experiment: str = Field(default="gptctl", description="MLflow experiment of the job's run")
+    registered_model: str | None = Field(default=None, description="MLflow registered model of the checkpoints; default: the job name")
     model_versions: Literal["every_checkpoint", "final"] = Field(
         default="every_checkpoint", description="which checkpoints become MLflow model versions")
     system_metrics_interval_s: float = Field(
@@ -60,16 +61,17 @@ class DebugSpec(StrictModel):
     """Fault injection for testing recovery; off unless set."""
 
     fail_at_step: int | None = Field(default=None, ge=1, description="a worker exits once after this step")
-    fail_rank: int = Field(default=0, ge=0)
+    fail_rank: int = Field(default=0, ge=0, description="the rank that exits at fail_at_step")
     step_delay_s: float = Field(default=0.0, ge=0, le=60, description="sleep after each step (to widen test windows)")
     trace_samples: bool = Field(default=False, description="record each rank's sample ids under <run dir>/sample_trace/ "
                                 "(local storage only)")
 
 
 class _JobBase(StrictModel):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$",
+                      description="job name; re-submitting the same name and storage_path resumes")
     storage_path: str = Field(default="./runs", description="local dir or s3://bucket/prefix for checkpoints")
-    tracking: TrackingSpec = TrackingSpec()
+    tracking: TrackingSpec = Field(default=TrackingSpec(), description="MLflow run and model registry")
 
 
 class SpecProblems(ValueError):
@@ -120,40 +122,42 @@ class _TrainingJob(_JobBase):
 
 
 class PretrainSpec(_TrainingJob):
-    kind: Literal["pretrain"]
+    kind: Literal["pretrain"] = Field(description="pre-train a GPT on text shards")
     data: str = Field(description="prepared shards: a dir or s3:// prefix holding manifest.json")
     init_from: str | None = Field(
         default=None,
         description="continue from a gptctl checkpoint dir, Hugging Face GPT-2 dir (local or s3://) "
         "or models:/NAME@ALIAS; its config replaces `model`",
     )
-    model: ModelSpec = ModelSpec()
-    train: TrainSpec = TrainSpec()
-    cluster: ClusterSpec = ClusterSpec()
-    debug: DebugSpec = DebugSpec()
+    model: ModelSpec = Field(default=ModelSpec(), description="the GPT's sizes")
+    train: TrainSpec = Field(default=TrainSpec(), description="optimizer, precision, ZeRO, eval and checkpoints")
+    cluster: ClusterSpec = Field(default=ClusterSpec(), description="workers and their resources")
+    debug: DebugSpec = Field(default=DebugSpec(), description="fault injection for tests")
 
 
 class FinetuneSpec(_TrainingJob):
-    kind: Literal["finetune"]
+    kind: Literal["finetune"] = Field(description="fine-tune a checkpoint on prompt/response shards")
     init_from: str = Field(description="gptctl checkpoint dir, Hugging Face GPT-2 dir (local or s3://) or models:/NAME@ALIAS")
     data: str = Field(description="prepared prompt/response shards with a loss mask")
-    train: TrainSpec = TrainSpec(lr=1e-4, min_lr=1e-5, warmup_steps=5, weight_decay=0.0)
-    cluster: ClusterSpec = ClusterSpec()
-    debug: DebugSpec = DebugSpec()
+    train: TrainSpec = Field(default=TrainSpec(lr=1e-4, min_lr=1e-5, warmup_steps=5, weight_decay=0.0),
+                             description="optimizer, precision, ZeRO, eval and checkpoints")
+    cluster: ClusterSpec = Field(default=ClusterSpec(), description="workers and their resources")
+    debug: DebugSpec = Field(default=DebugSpec(), description="fault injection for tests")
 
 
 class DeploySpec(StrictModel):
-    kind: Literal["deploy"]
-    name: str = Field(default="gptctl", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+    kind: Literal["deploy"] = Field(description="serve a checkpoint with Ray Serve")
+    name: str = Field(default="gptctl", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$",
+                      description="Serve app name; redeploying the same name rolls over")
     checkpoint: str = Field(description="checkpoint dir (local or s3://) or models:/NAME@ALIAS")
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=1, le=65535)
-    num_replicas: int = Field(default=1, ge=1)
-    cpus_per_replica: float = Field(default=1.0, ge=0)
+    host: str = Field(default="127.0.0.1", description="address the HTTP server listens on")
+    port: int = Field(default=8000, ge=1, le=65535, description="HTTP port")
+    num_replicas: int = Field(default=1, ge=1, description="replicas without autoscaling")
+    cpus_per_replica: float = Field(default=1.0, ge=0, description="CPUs Ray reserves for each replica")
     # serving options (issue 5); all optional, checked together in orchestrator/deploy.py
     route_prefix: str = Field(default="/", pattern=r"^/([A-Za-z0-9._~-]+(/[A-Za-z0-9._~-]+)*)?$",
                               description="URL prefix of this app; apps sharing one Serve need distinct ones")
-    gpus_per_replica: float = Field(default=0.0, ge=0)
+    gpus_per_replica: float = Field(default=0.0, ge=0, description="GPUs Ray reserves for each replica")
     min_replicas: int | None = Field(default=None, ge=0, description="autoscaling lower bound (default 1)")
     max_replicas: int | None = Field(default=None, ge=1,
                                      description="autoscale between min_replicas and this instead of num_replicas")
@@ -163,7 +167,7 @@ class DeploySpec(StrictModel):
     max_context: int | None = Field(default=None, ge=2,
                                     description="prompt + completion tokens; default and upper bound: block_size")
     max_tokens_limit: int | None = Field(default=None, ge=1, description="largest max_tokens; default: the context")
-    max_request_bytes: int = Field(default=1_048_576, ge=1024)
+    max_request_bytes: int = Field(default=1_048_576, ge=1024, description="largest request body; larger ones get 413")
     batch_invariant: bool = Field(default=True, description="a request's output never depends on its batch")
     api_key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
                                     description="name of the environment variable that holds the API key")
@@ -204,8 +208,8 @@ PipelineStage = Annotated[Union[PretrainStage, FinetuneStage, DeployStage], Fiel
 
 
 class PipelineSpec(StrictModel):
-    kind: Literal["pipeline"]
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+    kind: Literal["pipeline"] = Field(description="run pretrain/finetune/deploy stages in order")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$", description="pipeline name")
     storage_path: str = Field(default="./runs", description="pipeline state (<storage_path>/<name>/pipeline_state.json)"
                                                             " and the default storage_path of its training stages")
     tracking: TrackingSpec = Field(default=TrackingSpec(), description="default tracking of its training stages")

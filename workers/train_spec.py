@@ -36,15 +36,16 @@ PORTABLE_KERNELS_TEXT = ", ".join(PORTABLE_ATTENTION_KERNELS[:-1]) + " or " + PO
 class TrainSpec(StrictModel):
     max_steps: int = Field(default=100, ge=1, description="optimizer steps")
     micro_batch_size: int = Field(default=8, ge=1, description="sequences per worker per micro-step")
-    grad_accum_steps: int = Field(default=1, ge=1)
-    lr: float = Field(default=3e-4, gt=0)
-    min_lr: float = Field(default=3e-5, ge=0)
-    warmup_steps: int = Field(default=10, ge=0)
-    weight_decay: float = Field(default=0.1, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = Field(default=1.0, ge=0)
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    zero_stage: Literal[0, 1, 2, 3] = 2
+    grad_accum_steps: int = Field(default=1, ge=1, description="micro-steps per optimizer step")
+    lr: float = Field(default=3e-4, gt=0, description="peak AdamW learning rate, after linear warmup")
+    min_lr: float = Field(default=3e-5, ge=0, description="learning rate at the end of the cosine decay")
+    warmup_steps: int = Field(default=10, ge=0, description="steps of linear warmup to lr")
+    weight_decay: float = Field(default=0.1, ge=0, description="AdamW weight decay")
+    betas: tuple[float, float] = Field(default=(0.9, 0.95), description="AdamW betas")
+    grad_clip: float = Field(default=1.0, ge=0, description="global gradient-norm clipping; 0 turns it off")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        default="fp32", description="training precision; fp16 only where the accelerator supports it (GPU workers)")
+    zero_stage: Literal[0, 1, 2, 3] = Field(default=2, description="DeepSpeed ZeRO stage")
     offload_optimizer: bool = Field(default=False, description="ZeRO 1-3: optimizer state in CPU memory")
     offload_params: bool = Field(default=False, description="ZeRO 3: parameters in CPU memory")
     activation_checkpointing: bool = Field(default=False, description="recompute block activations in backward")
@@ -53,16 +54,16 @@ class TrainSpec(StrictModel):
         default="auto", description="scaled_dot_product_attention kernel for training and eval passes: 'auto' lets "
                                     "PyTorch choose; 'cudnn' and 'efficient' need a CUDA GPU")
     eval_every: int = Field(default=50, ge=1, description="steps between validation passes")
-    eval_batches: int = Field(default=4, ge=1)
-    log_every: int = Field(default=1, ge=1)
-    checkpoint_every: int = Field(default=50, ge=1)
+    eval_batches: int = Field(default=4, ge=1, description="validation batches per eval pass")
+    log_every: int = Field(default=1, ge=1, description="steps between metric logs to MLflow")
+    checkpoint_every: int = Field(default=50, ge=1, description="steps between checkpoints")
     keep_last: int = Field(default=3, ge=1, description="checkpoints kept besides the best (by val loss)")
     checkpoint_upload: Literal["bounded", "parallel"] = Field(
         default="bounded", description="uploads to S3: 'bounded' sends one part of a file at a time and holds one "
                                        "64 MB chunk in memory; 'parallel' sends parts concurrently (faster where one "
                                        "connection is the limit) but may hold a whole checkpoint in memory")
     samples_at_eval: int = Field(default=2, ge=0, description="generated samples logged to MLflow per eval")
-    seed: int = 0
+    seed: int = Field(default=0, description="seed of the weights' init and the data order")
     on_corrupt: Literal["raise", "skip"] = Field(
         default="raise", description="a shard failing its sha256/row check: stop the job, or skip it (counted in data/*)")
     data_interleave: int = Field(

@@ -103,7 +103,7 @@ def test_a_deepspeed_key_deepspeed_would_ignore_is_named_before_submission():
 
 
 @pytest.mark.parametrize("extra, path, why", [
-    # a section DeepSpeed reads key by key: the README's own bf16-autocast example, misspelt
+    # a section DeepSpeed reads key by key: docs/training.md's own example, misspelt
     ({"torch_autocast": {"enabeld": True}}, "train.deepspeed.torch_autocast.enabeld",
      r"^not a setting DeepSpeed \S+ reads, so it would be ignored; did you mean enabled\?$"),
     ({"checkpoint": {"parallel_write": {"pipeline_stag": True}}}, "train.deepspeed.checkpoint.parallel_write.pipeline_stag",
