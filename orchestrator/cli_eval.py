@@ -24,9 +24,9 @@ from pathlib import Path
 EXIT_OK, EXIT_BAD_INPUT = 0, 2
 EXPERIMENT = "gptctl-eval"
 EXAMPLE = """example (offline, with the tiny tasks in this repository):
-  gptctl eval runs/tiny/checkpoint --tasks gptctl_tiny --include-path examples/lm_eval_tasks --limit 4
-  gptctl eval http://127.0.0.1:8000/v1 --tokenizer runs/tiny/checkpoint --tasks gptctl_tiny_mc \\
-      --include-path examples/lm_eval_tasks"""
+  gptctl eval demo_output/runs/demo-pretrain/best --tasks gptctl_tiny --include-path examples/lm_eval_tasks
+  gptctl eval http://127.0.0.1:8000/v1 --tokenizer demo_output/runs/demo-pretrain/best \\
+      --tasks gptctl_tiny_mc --include-path examples/lm_eval_tasks"""
 
 
 class EvalInputError(ValueError):
@@ -36,7 +36,9 @@ class EvalInputError(ValueError):
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "eval", help="run lm-eval-harness tasks on a checkpoint or a deployed endpoint; metrics to MLflow",
-        description=__doc__.split("\n\n")[0] + " Needs the optional extra: pip install 'gptctl[eval]'.",
+        description="Run EleutherAI lm-eval-harness tasks on a checkpoint (in this process) or on a deployed "
+                    "endpoint (through /v1/completions logprobs), and log lm_eval/<task>/<metric> to MLflow. "
+                    "Needs the optional extra: pip install 'gptctl[eval]'. See docs/lm-eval.md.",
         epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("target", help="checkpoint dir, s3:// URI, models:/NAME@ALIAS, or http(s)://HOST:PORT[/v1]")
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task, group or tag names (globs allowed)")
@@ -129,7 +131,8 @@ def check_tasks(spec: str, manager) -> list[str]:
 
 # ---- endpoint -----------------------------------------------------------------------------
 def _endpoint_args(args: argparse.Namespace) -> dict:
-    """model_args for lm-eval's local-completions against a gptctl deployment."""
+    """model_args for lm-eval's local-completions against a gptctl deployment (simple_evaluate adds
+    batch_size: prompts per HTTP request)."""
     import os
 
     import httpx
@@ -147,8 +150,7 @@ def _endpoint_args(args: argparse.Namespace) -> dict:
         "model": card["id"], "base_url": f"{root}/v1/completions", "tokenizer_backend": "huggingface",
         "tokenizer": hf_tokenizer_dir(args.tokenizer, card["max_model_len"]),
         # token ids go over the wire, so the server scores exactly the tokens lm-eval counted
-        "tokenized_requests": True, "max_length": card["max_model_len"], "batch_size": args.batch_size,
-        "header": headers or None,
+        "tokenized_requests": True, "max_length": card["max_model_len"], "header": headers or None,
     }
 
 

@@ -21,7 +21,8 @@ import json
 import tempfile
 from pathlib import Path
 
-import torch
+import lm_eval.models  # noqa: F401  lm-eval fills its model registry on first use only while it is empty:
+import torch  # registering "gptctl" first would hide its own models (local-completions, hf, ...)
 import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
