@@ -75,6 +75,9 @@ def _eval(args: argparse.Namespace) -> int:
         raise EvalInputError(f"--batch-size: must be >= 1, got {args.batch_size}")
     manager = task_manager(args.include_path)
     tasks = check_tasks(args.tasks, manager)  # before any model is loaded
+    client = tracking_client(args.tracking_uri)  # an unreachable server fails now, not after the eval
+    if args.run_id:
+        check_run(client, args.run_id)
     started = time.monotonic()
     if args.target.startswith(("http://", "https://")):
         model, model_args, run_id = "local-completions", _endpoint_args(args), args.run_id
@@ -84,6 +87,9 @@ def _eval(args: argparse.Namespace) -> int:
         local = local_checkpoint(args.target, args.tracking_uri)
         model, model_args = GPTCtlLM(checkpoint=local, batch_size=args.batch_size, device=args.device), None
         run_id = args.run_id or checkpoint_run_id(local)
+        if run_id and not args.run_id and not run_exists(client, run_id):
+            print(f"[gptctl] the checkpoint's run {run_id} is not in {client.tracking_uri}; logging to a new run")
+            run_id = None
     results = lm_eval.simple_evaluate(
         model=model, model_args=model_args, tasks=tasks, task_manager=manager, limit=args.limit,
         num_fewshot=args.num_fewshot, batch_size=args.batch_size, log_samples=False, bootstrap_iters=0,
@@ -94,7 +100,7 @@ def _eval(args: argparse.Namespace) -> int:
     text = results_json(results)
     if args.output:
         Path(args.output).write_text(text, encoding="utf-8")
-    run_id = log_to_mlflow(results, text, args.tracking_uri, run_id, args.target)
+    run_id = log_to_mlflow(client, results, text, run_id, args.target)
     print(f"[gptctl] lm-eval {','.join(tasks)} on {args.target} in {time.monotonic() - started:.1f} s; "
           f"metrics lm_eval/<task>/<metric> on MLflow run {run_id}")
     return EXIT_OK
@@ -188,16 +194,35 @@ def metric_values(results: dict) -> dict[str, float]:
     return out
 
 
-def log_to_mlflow(results: dict, text: str, tracking_uri: str | None, run_id: str | None, target: str) -> str:
-    """Metrics + results JSON on run_id, or on a new run in experiment gptctl-eval; returns the run id."""
-    from mlflow.entities import Metric
+def tracking_client(tracking_uri: str | None):
     from mlflow.tracking import MlflowClient
 
     from orchestrator.runs import check_tracking_reachable, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
     check_tracking_reachable(uri, needed_by="--tracking-uri")
-    client = MlflowClient(tracking_uri=uri)
+    return MlflowClient(tracking_uri=uri)
+
+
+def run_exists(client, run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_run(run_id)
+        return True
+    except MlflowException:
+        return False
+
+
+def check_run(client, run_id: str) -> None:
+    if not run_exists(client, run_id):
+        raise EvalInputError(f"--run-id: no run {run_id!r} in the MLflow tracking store {client.tracking_uri}")
+
+
+def log_to_mlflow(client, results: dict, text: str, run_id: str | None, target: str) -> str:
+    """Metrics + results JSON on run_id, or on a new run in experiment gptctl-eval; returns the run id."""
+    from mlflow.entities import Metric
+
     new_run = run_id is None
     if new_run:
         experiment = client.get_experiment_by_name(EXPERIMENT)

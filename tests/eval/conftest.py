@@ -21,7 +21,6 @@ pytest.importorskip("lm_eval")
 
 from model import GPT, GPTConfig, GPTTokenizer, save_pretrained  # noqa: E402
 
-TASKS_DIR = str(Path(__file__).resolve().parents[2] / "examples" / "lm_eval_tasks")
 CORPUS = [
     "Question: Where does Alice live?\nAnswer: Paris",
     "Alice lives in Paris. Bob lives in Rome. Carol lives in Oslo.",

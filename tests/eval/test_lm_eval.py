@@ -3,11 +3,11 @@ with metrics in a real MLflow server, and an unknown task refused before any mod
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TASKS_DIR
 from lm_eval.api.instance import Instance
 
 from model import GPTTokenizer, SamplingParams, generate, load_pretrained
@@ -16,6 +16,8 @@ from orchestrator.export import export_hf
 from orchestrator.lm_eval_model import GPTCtlLM
 
 transformers = pytest.importorskip("transformers")
+
+TASKS_DIR = str(Path(__file__).resolve().parents[2] / "examples" / "lm_eval_tasks")
 
 PAIRS = [
     ("Question: Where does Alice live?\nAnswer:", " Paris"),
@@ -110,7 +112,7 @@ def test_eval_cli_logs_metrics_on_the_checkpoint_run(eval_checkpoint, tmp_path, 
     assert "lm_eval/results.json" in artifacts
 
 
-def test_unknown_task_exits_2_naming_the_flag_and_close_matches(tmp_path, capsys):
+def test_bad_flags_exit_2_before_any_model_loads(tmp_path, capsys):
     missing = tmp_path / "no-such-checkpoint"  # never opened: the tasks are checked first
     code = cli.main(["eval", str(missing), "--tasks", "gptctl_tiny_mc,gptctl_tiny_mcq", "--include-path", TASKS_DIR])
     assert code == 2
@@ -119,3 +121,6 @@ def test_unknown_task_exits_2_naming_the_flag_and_close_matches(tmp_path, capsys
     assert "no-such-checkpoint" not in err
     assert cli.main(["eval", str(missing), "--tasks", "gptctl_tiny_mc", "--include-path", str(missing)]) == 2
     assert "--include-path" in capsys.readouterr().err
+    assert cli.main(["eval", str(missing), "--tasks", "gptctl_tiny_mc", "--include-path", TASKS_DIR,
+                     "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--run-id", "no-such-run"]) == 2
+    assert "--run-id" in capsys.readouterr().err
