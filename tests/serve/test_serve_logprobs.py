@@ -114,11 +114,19 @@ def test_gptctl_eval_against_the_endpoint_matches_in_process(serve_url, serve_ch
                                                              remote.loglikelihood(requests)):
         assert abs(ours - theirs) < 1e-4 and ours_greedy == theirs_greedy
 
-    out = tmp_path / "results.json"
-    code = cli.main(["eval", f"{serve_url}/v1", "--tokenizer", checkpoint, "--tasks", "gptctl_tiny_mc",
-                     "--include-path", TASKS_DIR, "--limit", "3", "--batch-size", "6",
-                     "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--output", str(out)])
-    assert code == 0, capsys.readouterr().err
-    assert "acc,none" in json.loads(out.read_text())["results"]["gptctl_tiny_mc"]
+    # all three kinds of request over HTTP (loglikelihood, rolling, generate_until) score as in process
+    scores = {}
+    for name, target in (("endpoint", f"{serve_url}/v1"), ("in-process", checkpoint)):
+        out = tmp_path / f"{name}.json"
+        code = cli.main(["eval", target, "--tokenizer", checkpoint, "--tasks", "gptctl_tiny", "--include-path",
+                         TASKS_DIR, "--limit", "2", "--batch-size", "6", "--output", str(out),
+                         "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
+        assert code == 0, capsys.readouterr().err
+        scores[name] = json.loads(out.read_text())["results"]
+    endpoint, in_process = scores["endpoint"], scores["in-process"]
+    assert endpoint["gptctl_tiny_mc"]["acc,none"] == in_process["gptctl_tiny_mc"]["acc,none"]
+    assert "exact_match,none" in endpoint["gptctl_tiny_gen"]
+    assert endpoint["gptctl_tiny_ppl"]["bits_per_byte,none"] == pytest.approx(
+        in_process["gptctl_tiny_ppl"]["bits_per_byte,none"], rel=1e-5)
     assert cli.main(["eval", serve_url, "--tasks", "gptctl_tiny_mc", "--include-path", TASKS_DIR]) == 2
     assert "--tokenizer" in capsys.readouterr().err
