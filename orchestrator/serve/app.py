@@ -361,10 +361,11 @@ class GPTServer:
         if truncate is not None:
             keep = max(1, self.context - max_tokens) if truncate == -1 else truncate
             ids = ids[-keep:]
-        if len(ids) > self.context - (1 if max_tokens else 0):
+        longest = self.context - (1 if max_tokens else 0)  # max_tokens 0 (echo): the prompt alone may fill it
+        if len(ids) > longest:
             raise ApiError(
                 400, f"prompt: {len(ids)} tokens, but this model's context is {self.context} tokens "
-                     f"(prompt + completion), so a prompt may have at most {self.context - 1}; shorten it "
+                     f"(prompt + completion), so a prompt may have at most {longest}; shorten it "
                      "or pass truncate_prompt_tokens to keep only its end", param="prompt",
                 code="context_length_exceeded")
         return _Job(ids, min(max_tokens, self.context - len(ids)), echo)
