@@ -92,21 +92,21 @@ class GPTCtlLM(TemplateLM):
         model: GPT | None = None,
         tokenizer: GPTTokenizer | None = None,
         batch_size: int | str = 8,
-        device: str = "cpu",
+        device: str | None = "cpu",
         max_gen_toks: int = 256,
         tracking_uri: str | None = None,
-        **_ignored,
+        **_ignored,  # what lm-eval adds when it builds a model from a name (max_batch_size, ...)
     ) -> None:
         super().__init__()
         if model is None:
             if checkpoint is None:
                 raise ValueError("model_args: pass checkpoint=DIR (a gptctl checkpoint, s3:// or models:/ URI)")
             local = local_checkpoint(str(checkpoint), tracking_uri)
-            model, tokenizer = load_pretrained(local, device=device), GPTTokenizer.load(local)
+            model, tokenizer = load_pretrained(local, device=device or "cpu"), GPTTokenizer.load(local)
         if tokenizer is None:
             raise ValueError("a model passed in needs its tokenizer too")
         self.model, self.tok = model.eval(), tokenizer
-        # lm-eval passes batch_size as given on its command line ("auto" is not supported here)
+        # lm-eval passes batch_size as its command line gave it; "auto" (probe memory) falls back to 8
         self._batch_size = int(batch_size) if str(batch_size).isdigit() else 8
         self.max_gen_toks = int(max_gen_toks)
 
