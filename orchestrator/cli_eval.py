@@ -75,11 +75,15 @@ def _eval(args: argparse.Namespace) -> int:
         raise EvalInputError(f"--batch-size: must be >= 1, got {args.batch_size}")
     manager = task_manager(args.include_path)
     tasks = check_tasks(args.tasks, manager)  # before any model is loaded
+    endpoint = args.target.startswith(("http://", "https://"))
+    if endpoint and not args.tokenizer:
+        raise EvalInputError("--tokenizer: an http(s) target needs the served checkpoint's tokenizer "
+                             "(its directory or tokenizer.json), to count context tokens")
     client = tracking_client(args.tracking_uri)  # an unreachable server fails now, not after the eval
     if args.run_id:
         check_run(client, args.run_id)
     started = time.monotonic()
-    if args.target.startswith(("http://", "https://")):
+    if endpoint:
         model, model_args, run_id = "local-completions", _endpoint_args(args), args.run_id
     else:
         from orchestrator.lm_eval_model import GPTCtlLM, checkpoint_run_id, local_checkpoint
@@ -144,9 +148,6 @@ def _endpoint_args(args: argparse.Namespace) -> dict:
     import httpx
 
     root = args.target.rstrip("/").removesuffix("/v1")
-    if not args.tokenizer:
-        raise EvalInputError("--tokenizer: an http(s) target needs the served checkpoint's tokenizer "
-                             "(its directory or tokenizer.json), to count context tokens")
     key = os.environ.get(args.api_key_env) or None
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     reply = httpx.get(f"{root}/v1/models", headers=headers, timeout=30.0)
