@@ -340,10 +340,20 @@ def export_hf_dir(checkpoint_dir: str | Path, out_dir: str | Path) -> None:
             "pad_token_id": tokenizer.pad_id,
             "do_sample": False,
         },
-        TOKENIZER_CONFIG_FILE: _tokenizer_config(tokenizer, config.block_size),
-        SPECIAL_TOKENS_MAP_FILE: _special_tokens_map(),
     }
     for name, data in files.items():
+        text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+        _atomic_write(out_dir / name, lambda tmp, text=text: tmp.write_text(text, encoding="utf-8"))
+    write_hf_tokenizer_files(tokenizer, config.block_size, out_dir)
+
+
+def write_hf_tokenizer_files(tokenizer: GPTTokenizer, max_length: int, out_dir: str | Path) -> None:
+    """The tokenizer files of an HF directory (tokenizer.json + config + special tokens map), alone:
+    enough for transformers.AutoTokenizer, e.g. for a client that counts tokens for an endpoint."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, data in ((TOKENIZER_CONFIG_FILE, _tokenizer_config(tokenizer, max_length)),
+                       (SPECIAL_TOKENS_MAP_FILE, _special_tokens_map())):
         text = json.dumps(data, indent=2, sort_keys=True) + "\n"
         _atomic_write(out_dir / name, lambda tmp, text=text: tmp.write_text(text, encoding="utf-8"))
     _atomic_write(out_dir / TOKENIZER_FILE, tokenizer.save)

@@ -12,7 +12,9 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 # modules that add their own subcommands: each defines `register(subparsers)` and gives every
 # parser `set_defaults(handler=fn)` where fn(args) -> exit code
-FEATURE_COMMANDS: tuple[str, ...] = ("orchestrator.cli_interop", "orchestrator.cli_ops", "orchestrator.cli_serve")
+FEATURE_COMMANDS: tuple[str, ...] = (
+    "orchestrator.cli_interop", "orchestrator.cli_ops", "orchestrator.cli_serve", "orchestrator.cli_eval",
+)
 
 
 def _add_data(sub: argparse._SubParsersAction) -> None:

@@ -294,7 +294,12 @@ class GPTServer:
             prompts = [prompts]
         if not prompts:
             raise ApiError(400, "prompt: must not be empty", param="prompt")
-        max_tokens = self._max_tokens(req.max_tokens, self.options.default_max_tokens)
+        if req.logprobs is not None and req.stream:
+            raise ApiError(400, "logprobs: not available with stream: true; send stream: false", param="logprobs")
+        if req.echo and req.max_tokens == 0:  # OpenAI: score the prompt only, generate nothing
+            max_tokens = 0
+        else:
+            max_tokens = self._max_tokens(req.max_tokens, self.options.default_max_tokens)
         self._check_choices(len(prompts), req.n)
         jobs = []
         for prompt in prompts:
@@ -356,10 +361,11 @@ class GPTServer:
         if truncate is not None:
             keep = max(1, self.context - max_tokens) if truncate == -1 else truncate
             ids = ids[-keep:]
-        if len(ids) >= self.context:
+        longest = self.context - (1 if max_tokens else 0)  # max_tokens 0 (echo): the prompt alone may fill it
+        if len(ids) > longest:
             raise ApiError(
                 400, f"prompt: {len(ids)} tokens, but this model's context is {self.context} tokens "
-                     f"(prompt + completion), so a prompt may have at most {self.context - 1}; shorten it "
+                     f"(prompt + completion), so a prompt may have at most {longest}; shorten it "
                      "or pass truncate_prompt_tokens to keep only its end", param="prompt",
                 code="context_length_exceeded")
         return _Job(ids, min(max_tokens, self.context - len(ids)), echo)
@@ -405,11 +411,25 @@ class GPTServer:
                 choices.append({"index": choice.index, "message": {"role": "assistant", "content": choice.text.text},
                                 "logprobs": None, "finish_reason": self._finish_reason(choice)})
             else:
-                choices.append({"index": choice.index, "text": echo + choice.text.text, "logprobs": None,
+                logprobs = None
+                if req.logprobs is not None:
+                    logprobs = await asyncio.to_thread(self._logprobs, req, jobs[choice.index // req.n], choice)
+                choices.append({"index": choice.index, "text": echo + choice.text.text, "logprobs": logprobs,
                                 "finish_reason": self._finish_reason(choice)})
         body = envelope(kind, request_id, self.model_id, choices)
         body["usage"] = usage(prompt_tokens, sum(c.text.num_tokens for c in generation.choices))
         return JSONResponse(body)
+
+    def _logprobs(self, req, job: _Job, choice: _Choice) -> dict:
+        """OpenAI's choices[].logprobs for one completion (see orchestrator/serve/logprobs.py)."""
+        from orchestrator.serve.logprobs import completion_logprobs, kept_completion_ids
+
+        # "stop" without a stop string means the stop token ended it: OpenAI lists that token too
+        stop_token = self.tokenizer.eos_id if choice.finish_reason == "stop" and not choice.text.stopped else None
+        kept = kept_completion_ids(self.tokenizer, choice.text.token_ids, choice.text.text, choice.text.stopped,
+                                   stop_token)
+        return completion_logprobs(self.model, self.tokenizer, job.ids, kept,
+                                   job.echo_text if req.echo else None, req.logprobs)
 
     async def _stream(self, kind: str, request_id: str, req, jobs: list[_Job], prompt_tokens: int,
                       include_usage: bool):

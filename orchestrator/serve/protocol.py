@@ -2,7 +2,9 @@
 
 Validation is strict: a wrong type is an error (no "5" for 5), unknown parameters are refused
 by name, and parameters OpenAI knows but this server does not implement are accepted only at
-their no-op value (e.g. `presence_penalty: 0`, `logprobs: null`), otherwise refused by name.
+their no-op value (e.g. `presence_penalty: 0`; chat's `logprobs: null`), otherwise refused by name.
+/v1/completions implements `logprobs` (an integer, top-N) and `echo` as OpenAI's legacy
+completions API specifies them (orchestrator/serve/logprobs.py).
 Every refusal is a 400 with OpenAI's error body: {"error": {"message", "type", "param", "code"}}.
 """
 # no `from __future__ import annotations`: pydantic resolves these annotations at class creation
@@ -14,6 +16,8 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from orchestrator.serve.options import MAX_SEED, MAX_STOP_CHARS, MAX_STOP_SEQUENCES
+
+MAX_LOGPROBS = 5  # OpenAI's limit for the legacy completions `logprobs`
 
 
 class ApiError(Exception):
@@ -106,6 +110,11 @@ class _SamplingFields(_Strict):
 class CompletionRequest(_SamplingFields):
     prompt: Union[str, list[str], list[int], list[list[int]]]
     echo: bool = False
+    logprobs: int | None = Field(
+        default=None, ge=0, le=MAX_LOGPROBS,
+        description="log-probabilities of each returned token and of the N likeliest alternatives at its "
+                    "position (OpenAI legacy completions); with echo, of the prompt's tokens too",
+    )
     use_template: bool = Field(default=False, description="gptctl extension: wrap each prompt in the fine-tuning template")
 
 

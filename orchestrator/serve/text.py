@@ -30,6 +30,11 @@ class TextAssembler:
         return len(self._ids)
 
     @property
+    def token_ids(self) -> list[int]:
+        """Every token pushed (also those after a stop string)."""
+        return list(self._ids)
+
+    @property
     def text(self) -> str:
         """Everything handed out so far."""
         return self._text[: self._emitted]

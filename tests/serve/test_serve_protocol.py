@@ -40,8 +40,8 @@ def test_bad_bodies_are_400_with_a_message(raw, message):
 
 
 def test_unsupported_parameters_are_named_and_no_op_values_accepted():
-    error = _error(validate_request, {"prompt": "x", "logprobs": 2, "frobnicate": 1}, CompletionRequest)
-    assert "frobnicate" in error.message and "logprobs" in error.message and error.param == "frobnicate"
+    error = _error(validate_request, {"prompt": "x", "suffix": "y", "frobnicate": 1}, CompletionRequest)
+    assert "frobnicate" in error.message and "suffix" in error.message and error.param == "frobnicate"
     ok = {"prompt": "x", "logprobs": None, "presence_penalty": 0, "frequency_penalty": 0.0, "user": "u", "best_of": 1}
     assert validate_request(ok, CompletionRequest).prompt == "x"
     assert "presence_penalty" in _error(validate_request, {"prompt": "x", "presence_penalty": 0.5}, CompletionRequest).message
