@@ -395,6 +395,8 @@ def _parent_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
         if model is None or part not in model.model_fields:
             return None
         annotation = model.model_fields[part].annotation
+        optional = [a for a in getattr(annotation, "__args__", ()) if a is not type(None)]
+        annotation = optional[0] if len(optional) == 1 else annotation  # `Model | None` names Model's fields
         model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
         in_pipeline = in_pipeline and part == "stages"
     return model

@@ -69,6 +69,11 @@ def test_validate_refuses_an_eval_set_row_without_a_response(tmp_path, capsys, s
     assert main(["validate", _write_spec(tmp_path / "s3.yaml", "s3://taskeval/qa.jsonl")]) == EXIT_BAD_INPUT
     assert 's3://taskeval/qa.jsonl:1: row has no "response"' in capsys.readouterr().err
 
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("kind: finetune\nname: qa\ninit_from: ./ckpt\ndata: ./qa\neval_set:\n  paht: qa.jsonl\n")
+    assert main(["validate", str(typo)]) == EXIT_BAD_INPUT
+    assert "eval_set.paht: unknown field; expected one of: limit, max_new_tokens, path" in capsys.readouterr().err
+
     (tmp_path / "qa.jsonl").write_text(rows.splitlines()[0] + "\n")
     assert main(["validate", _write_spec(tmp_path / "ok.yaml", str(tmp_path / "qa.jsonl"))]) == 0
 
