@@ -70,8 +70,11 @@ class TaskScores:
 
 
 def score_answers(prompts: Sequence[str], expected: Sequence[str], generated: Sequence[str]) -> TaskScores:
-    rows = [{"prompt": p, "expected": e, "generated": g, "exact_match": exact_match(g, e), "f1": token_f1(g, e)}
-            for p, e, g in zip(prompts, expected, generated, strict=True)]
+    return _mean_scores([{"prompt": p, "expected": e, "generated": g, "exact_match": exact_match(g, e),
+                          "f1": token_f1(g, e)} for p, e, g in zip(prompts, expected, generated, strict=True)])
+
+
+def _mean_scores(rows: list[dict]) -> TaskScores:
     n = max(len(rows), 1)
     return TaskScores(sum(r["exact_match"] for r in rows) / n, sum(r["f1"] for r in rows) / n, rows)
 
@@ -155,8 +158,7 @@ def evaluate_on_ranks(module: GPT, tokenizer: GPTTokenizer, eval_set: dict, rank
         gathered = [mine]
     if rank != 0:
         return None
-    ordered = [None] * len(rows)
+    ordered: list = [None] * len(rows)
     for r, part in enumerate(gathered):
         ordered[r::world_size] = part
-    n = max(len(ordered), 1)
-    return TaskScores(sum(row["exact_match"] for row in ordered) / n, sum(row["f1"] for row in ordered) / n, ordered)
+    return _mean_scores(ordered)

@@ -241,7 +241,6 @@ def _task_eval(engine, tokenizer: GPTTokenizer, eval_set: dict[str, Any], tracke
     from workers.task_eval import evaluate_on_ranks
 
     scores = evaluate_on_ranks(engine.module, tokenizer, eval_set, rank, world_size, zero3=zero_stage == 3)
-    engine.train()
     if scores is not None:
         tracker.log_metrics(scores.metrics(), step)
         tracker.log_table(scores.table(), f"eval/answers_step_{step:08d}.json")
