@@ -166,7 +166,24 @@ def prepare_job(spec: PretrainSpec | FinetuneSpec) -> PreparedJob:
                "fault_marker": storage.join(run_dir, ".fault_injected"), "best_uri": storage.join(run_dir, "best"),
                "trace_dir": storage.join(run_dir, "sample_trace") if spec.debug.trace_samples else None},
     )
+    job.eval_set = _eval_set(spec)
     return PreparedJob(spec=spec, worker_job=job, manifest=manifest)
+
+
+def _eval_set(spec: PretrainSpec | FinetuneSpec) -> dict | None:
+    """The spec's eval set, read here and shipped with the job (workers may not see a local file)."""
+    from orchestrator.data.prepare import PROMPT_TEMPLATE
+    from workers.eval_set import EvalSetError, read_eval_set
+
+    eval_set = getattr(spec, "eval_set", None)
+    if eval_set is None:
+        return None
+    try:
+        rows = read_eval_set(eval_set.path, eval_set.limit)
+    except EvalSetError as error:
+        raise JobInputError(f"eval_set.path: {error}") from None
+    return {"rows": rows, "prompt_template": PROMPT_TEMPLATE, "max_new_tokens": eval_set.max_new_tokens,
+            "source": eval_set.path}
 
 
 @contextlib.contextmanager

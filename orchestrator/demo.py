@@ -16,12 +16,18 @@ from orchestrator.runs import resolve_tracking_uri
 from orchestrator.spec import parse_spec
 
 DEMO_MODEL = {"preset": "tiny", "n_layer": 4, "n_head": 4, "n_embd": 128}
+# 60 people (240 facts): 500 steps of a 4-layer model learn most of their facts; 200 people
+# were too many to learn in the demo's time, so held-out answers were mostly guesses (EM ~0.1)
+DEMO_PEOPLE = 60
+HELD_OUT_TEXT = ("one question per person that fine-tuning never asks; its answer is a fact stated only in the "
+                 "pre-training text")
 
 
-def _val_losses(tracking_uri: str, run_id: str) -> tuple[float, float]:
+def _first_and_last(tracking_uri: str, run_id: str, key: str) -> tuple[float, float]:
+    """A metric at step 0 (the pre-trained weights, before fine-tuning) and at the last step."""
     from mlflow.tracking import MlflowClient
 
-    history = sorted(MlflowClient(tracking_uri).get_metric_history(run_id, "val/loss"), key=lambda m: m.step)
+    history = sorted(MlflowClient(tracking_uri).get_metric_history(run_id, key), key=lambda m: m.step)
     return history[0].value, history[-1].value
 
 
@@ -40,8 +46,8 @@ def _delete_app(name: str) -> None:
         pass
 
 
-def run_demo(workdir: str | Path = "demo_output", port: int = 8000, pretrain_steps: int = 300,
-             finetune_steps: int = 150) -> dict:
+def run_demo(workdir: str | Path = "demo_output", port: int = 8000, pretrain_steps: int = 500,
+             finetune_steps: int = 60, n_people: int = DEMO_PEOPLE) -> dict:
     import ray
 
     started = time.monotonic()
@@ -50,7 +56,7 @@ def run_demo(workdir: str | Path = "demo_output", port: int = 8000, pretrain_ste
     tracking_uri = resolve_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
 
     print("[demo] 1/6 writing a synthetic corpus", flush=True)
-    corpus = write_demo_corpus(workdir / "corpus")
+    corpus = write_demo_corpus(workdir / "corpus", n_people=n_people)
     print("[demo] 2/6 training a byte-level BPE tokenizer and packing shards", flush=True)
     pretrain_data = str(workdir / "shards" / "pretrain")
     prepare_dataset([str(corpus["pretrain"])], pretrain_data, vocab_size=1024, seq_len=64,
@@ -62,7 +68,7 @@ def run_demo(workdir: str | Path = "demo_output", port: int = 8000, pretrain_ste
     pretrain = parse_spec({
         "kind": "pretrain", "name": "demo-pretrain", "data": pretrain_data, "model": DEMO_MODEL,
         "train": {"max_steps": pretrain_steps, "micro_batch_size": 16, "lr": 3e-3, "min_lr": 3e-4,
-                  "warmup_steps": 20, "eval_every": 50, "checkpoint_every": 100, "zero_stage": 2},
+                  "warmup_steps": 20, "eval_every": 100, "checkpoint_every": 200, "zero_stage": 2},
         **common,
     })
     pretrained = run_training(prepare_job(pretrain))
@@ -73,12 +79,16 @@ def run_demo(workdir: str | Path = "demo_output", port: int = 8000, pretrain_ste
                     val_fraction=0.0, rows_per_shard=256, seed=0, val_inputs=[str(corpus["qa_val"])])
     finetune = parse_spec({
         "kind": "finetune", "name": "demo-finetune", "init_from": pretrained.checkpoint, "data": finetune_data,
-        "train": {"max_steps": finetune_steps, "micro_batch_size": 16, "lr": 1e-3, "min_lr": 1e-4,
-                  "warmup_steps": 10, "eval_every": 50, "checkpoint_every": 50},
+        "eval_set": {"path": str(corpus["qa_val"]), "max_new_tokens": 24},  # held-out EM at every eval
+        # gently: at lr 1e-3 for 100 steps it learned the QA format but overwrote facts (held-out EM 0.43
+        # against 0.80 here, in a plain-torch probe of the same task)
+        "train": {"max_steps": finetune_steps, "micro_batch_size": 16, "lr": 3e-4, "min_lr": 3e-5,
+                  "warmup_steps": 10, "eval_every": 30, "checkpoint_every": 30},
         **common,
     })
     finetuned = run_training(prepare_job(finetune))
-    before, after = _val_losses(tracking_uri, finetuned.run_id)
+    before, after = _first_and_last(tracking_uri, finetuned.run_id, "val/loss")
+    em_before, em_after = _first_and_last(tracking_uri, finetuned.run_id, "eval/exact_match")
 
     print("[demo] 5/6 deploying the fine-tuned checkpoint to Ray Serve", flush=True)
     try:
@@ -94,13 +104,15 @@ def run_demo(workdir: str | Path = "demo_output", port: int = 8000, pretrain_ste
     print(f"pre-train run : {pretrained.run_id}  (checkpoint {pretrained.checkpoint})")
     print(f"fine-tune run : {finetuned.run_id}  (checkpoint {finetuned.checkpoint})")
     print(f"held-out QA loss before fine-tuning: {before:.3f}   after: {after:.3f}")
+    print(f"held-out QA exact match before fine-tuning: {em_before:.2f}   after: {em_after:.2f}  "
+          f"(greedy answers to {HELD_OUT_TEXT})")
     print(f"POST {url}/generate  prompt: {question!r}")
     print(f"completion    : {reply['text']!r}")
     print(f"held-out truth: {expected!r}")
     print(f"MLflow UI     : mlflow ui --backend-store-uri {tracking_uri} --port 5000  → http://127.0.0.1:5000")
     print(f"took {time.monotonic() - started:.0f} s")
     return {"pretrain_run": pretrained.run_id, "finetune_run": finetuned.run_id, "val_before": before,
-            "val_after": after, "completion": reply["text"]}
+            "val_after": after, "em_before": em_before, "em_after": em_after, "completion": reply["text"]}
 
 
 def _held_out_example(qa_path: Path) -> tuple[str, str]:

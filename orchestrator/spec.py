@@ -135,10 +135,38 @@ class PretrainSpec(_TrainingJob):
     debug: DebugSpec = Field(default=DebugSpec(), description="fault injection for tests")
 
 
+class EvalSetSpec(StrictModel):
+    """Task evaluation of a fine-tune: greedy answers to held-out prompts, scored against the expected
+    responses (exact match, token F1) at every eval; see docs/task-eval.md."""
+
+    path: str = Field(description='.jsonl file (local or s3://) with one {"prompt": ..., "response": ...} object '
+                                  "per line; prompts are formatted as in the fine-tuning data")
+    limit: int | None = Field(default=None, ge=1, description="score only the first N pairs (default: all); "
+                                                             "generation runs at every eval")
+    max_new_tokens: int = Field(default=32, ge=1, description="longest generated answer, in tokens; generation "
+                                                              "also stops at end-of-text")
+
+    @model_validator(mode="after")
+    def _rows_are_pairs(self) -> "EvalSetSpec":
+        """Read the file now, so `gptctl validate` refuses a row without a response before a job runs."""
+        from workers.eval_set import EvalSetError, read_eval_set
+
+        if "${" in self.path:  # a pipeline reference, resolved when its stage runs
+            return self
+        try:
+            read_eval_set(self.path)
+        except EvalSetError as error:
+            raise SpecProblems([("path", str(error))]) from None
+        return self
+
+
 class FinetuneSpec(_TrainingJob):
     kind: Literal["finetune"] = Field(description="fine-tune a checkpoint on prompt/response shards")
     init_from: str = Field(description="gptctl checkpoint dir, Hugging Face GPT-2 dir (local or s3://) or models:/NAME@ALIAS")
     data: str = Field(description="prepared prompt/response shards with a loss mask")
+    eval_set: EvalSetSpec | None = Field(
+        default=None, description="prompt/response pairs whose greedy answers are scored (eval/exact_match, "
+                                  "eval/f1) at every eval and at the end")
     train: TrainSpec = Field(default=TrainSpec(lr=1e-4, min_lr=1e-5, warmup_steps=5, weight_decay=0.0),
                              description="optimizer, precision, ZeRO, eval and checkpoints")
     cluster: ClusterSpec = Field(default=ClusterSpec(), description="workers and their resources")
@@ -371,6 +399,8 @@ def _parent_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
         if model is None or part not in model.model_fields:
             return None
         annotation = model.model_fields[part].annotation
+        optional = [a for a in getattr(annotation, "__args__", ()) if a is not type(None)]
+        annotation = optional[0] if len(optional) == 1 else annotation  # `Model | None` names Model's fields
         model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
         in_pipeline = in_pipeline and part == "stages"
     return model

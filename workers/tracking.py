@@ -53,6 +53,11 @@ class RunLogger:
         if self.enabled:
             self._guarded(lambda: self._client.log_text(self.run_id, text, artifact_file))
 
+    def log_table(self, data: dict[str, list], artifact_file: str) -> None:
+        """A JSON table artifact (MLflow's log_table: the UI shows it as a table), sent at once."""
+        if self.enabled:
+            self._guarded(lambda: self._client.log_table(self.run_id, data, artifact_file))
+
     def flush(self) -> None:
         if not self.enabled or not self._pending:
             return

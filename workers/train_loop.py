@@ -49,6 +49,9 @@ class WorkerJob:
     run_id: str | None = None
     parent_run_id: str | None = None
     init_from: str | None = None  # checkpoint URI whose weights start a fine-tune
+    # task evaluation (workers/task_eval.py): {"rows": [{"prompt", "response"}], "prompt_template",
+    # "max_new_tokens", "source"}; the rows travel with the job, so workers need no access to the file
+    eval_set: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -232,6 +235,19 @@ def _log_samples(engine, tokenizer: GPTTokenizer, prompts: list[list[int]], trac
     tracker.log_text("\n".join(lines), f"samples/step_{step:08d}.txt")
 
 
+def _task_eval(engine, tokenizer: GPTTokenizer, eval_set: dict[str, Any], tracker: RunLogger, step: int,
+               rank: int, world_size: int, zero_stage: int) -> None:
+    """Greedy answers to the eval set, scored: eval/exact_match, eval/f1 and a table of the answers."""
+    from workers.task_eval import evaluate_on_ranks
+
+    scores = evaluate_on_ranks(engine.module, tokenizer, eval_set, rank, world_size, zero3=zero_stage == 3)
+    if scores is not None:
+        tracker.log_metrics(scores.metrics(), step)
+        tracker.log_table(scores.table(), f"eval/answers_step_{step:08d}.json")
+        print(f"[gptctl] step {step}: eval/exact_match {scores.exact_match:.3f}  eval/f1 {scores.f1:.3f} "
+              f"({len(scores.rows)} pairs)", flush=True)
+
+
 def _start_system_metrics(job: WorkerJob, interval_s: float):
     """MLflow's own CPU/GPU/memory sampler, attached to the job's run from rank 0."""
     try:
@@ -325,13 +341,17 @@ def run_worker(job: WorkerJob, hooks) -> TrainerState:
     peak = peak_flops(engine.device, train.precision)
 
     def run_eval() -> None:
-        with attention_kernel(train.attention_kernel):
-            state.val_loss = evaluate(engine, val, rank, world_size)
-        tracker.log_metrics({"val/loss": state.val_loss, "val/perplexity": math.exp(min(state.val_loss, 50))}, state.step)
+        if val:
+            with attention_kernel(train.attention_kernel):
+                state.val_loss = evaluate(engine, val, rank, world_size)
+            tracker.log_metrics({"val/loss": state.val_loss, "val/perplexity": math.exp(min(state.val_loss, 50))},
+                                state.step)
+        if job.eval_set:
+            _task_eval(engine, tokenizer, job.eval_set, tracker, state.step, rank, world_size, train.zero_stage)
         if rank == 0 and prompts:
             _log_samples(engine, tokenizer, prompts, tracker, state.step)
 
-    if state.step == 0 and val:
+    if state.step == 0 and (val or job.eval_set):
         run_eval()
 
     engine.train()
@@ -363,7 +383,7 @@ def run_worker(job: WorkerJob, hooks) -> TrainerState:
             monitor, monitor_pending = _start_system_metrics(job, interval_s), False
 
         last = state.step == train.max_steps
-        if val and (state.step % train.eval_every == 0 or last):
+        if (val or job.eval_set) and (state.step % train.eval_every == 0 or last):
             run_eval()
         if state.step % train.checkpoint_every == 0 or last:
             tracker.flush()
