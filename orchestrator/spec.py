@@ -132,6 +132,14 @@ class PretrainSpec(_TrainingJob):
     cluster: ClusterSpec = ClusterSpec()
     debug: DebugSpec = DebugSpec()
 
+    @model_validator(mode="after")
+    def _no_adapters(self) -> "PretrainSpec":
+        """Adapters train on a frozen base, which a pre-train does not have yet."""
+        if self.train.lora is not None:
+            raise SpecProblems([("train.lora", "LoRA adapters fine-tune a trained model: use kind: finetune "
+                                               "(with init_from), or remove train.lora to pre-train every weight")])
+        return self
+
 
 class FinetuneSpec(_TrainingJob):
     kind: Literal["finetune"]
