@@ -33,7 +33,17 @@ def add_adapter(model: GPT, config) -> GPT:
     from peft.tuners.lora import LoraModel
 
     LoraModel(model, config, adapter_name="default")
+    model.lm_head.register_state_dict_post_hook(_drop_frozen_tied_weight)
     return model
+
+
+def _drop_frozen_tied_weight(module, state_dict, prefix, local_metadata) -> None:
+    """Leave lm_head.weight out of state_dict() while it is frozen. It is the token embedding
+    itself (tied), which DeepSpeed's exclude_frozen_parameters misses: it walks named_parameters(),
+    where a tied weight appears once, under transformer.wte, so the LM head's copy of the whole
+    embedding would be saved with every adapter checkpoint."""
+    if not module.weight.requires_grad:
+        state_dict.pop(prefix + "weight", None)
 
 
 def adapter_state_dict(model: GPT, state_dict: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
