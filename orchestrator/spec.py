@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
@@ -375,7 +375,9 @@ def _parent_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
         if model is None or part not in model.model_fields:
             return None
         annotation = model.model_fields[part].annotation
-        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        # an optional section (`LoraSpec | None`): the model inside it
+        models = [a for a in (get_args(annotation) or (annotation,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        model = models[0] if len(models) == 1 else None
         in_pipeline = in_pipeline and part == "stages"
     return model
 
