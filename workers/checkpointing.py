@@ -186,7 +186,8 @@ def check_same_engine_layout(directory: Path, saved: TrainerState, zero_stage: i
 
 
 def restore_checkpoint(directory: str | Path, engine, zero_stage: int, world_size: int,
-                       model_config: GPTConfig, precision: str, lora: dict[str, Any] | None = None) -> TrainerState:
+                       model_config: GPTConfig, precision: str, lora: dict[str, Any] | None = None,
+                       base_checkpoint: str | None = None) -> TrainerState:
     """Load engine state (weights, optimizer) and the trainer state written beside it.
 
     ZeRO 1-2 optimizer state is partitioned by data-parallel rank: with a different number of
@@ -212,6 +213,10 @@ def restore_checkpoint(directory: str | Path, engine, zero_stage: int, world_siz
         raise ResumeMismatchError(
             f"train.lora: job {state.job_name!r} resumes from {directory.name}, written with lora {state.lora}; "
             f"resume with the same train.lora, or submit under a new name to start afresh")
+    if lora is not None and state.base_checkpoint != base_checkpoint:
+        raise ResumeMismatchError(
+            f"init_from: job {state.job_name!r} resumes from {directory.name}, an adapter trained on "
+            f"{state.base_checkpoint}, not {base_checkpoint}; resume with that init_from, or submit under a new name")
     with weights_only_deepspeed_loads():  # DeepSpeed itself would unpickle with weights_only=False
         # an adapter-only checkpoint holds no base weights: those already came from init_from
         load_path, _ = engine.load_checkpoint(str(directory / DEEPSPEED_DIR), load_module_only=resharded,

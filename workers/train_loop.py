@@ -305,7 +305,7 @@ def run_worker(job: WorkerJob, hooks) -> TrainerState:
         resumed = read_shared_checkpoint(
             checkpoint,
             lambda directory: restore_checkpoint(directory, engine, train.zero_stage, world_size, model_config,
-                                                 train.precision, lora))
+                                                 train.precision, lora, state.base_checkpoint))
         if resumed.world_size != world_size:
             log.info("resuming with %d workers instead of %d: the global data order continues exactly",
                      world_size, resumed.world_size)

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from model import load_pretrained
 from model.lora import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, load_merged, load_with_adapter
 from orchestrator.lora import merge_lora_checkpoint
-from workers.checkpointing import DEEPSPEED_DIR, TrainerState, restore_checkpoint, save_checkpoint
+from workers.checkpointing import (DEEPSPEED_DIR, ResumeMismatchError, TrainerState, restore_checkpoint,
+                                  save_checkpoint)
 from workers.engine import build_engine
 from workers.safe_loading import safe_torch_load
 from workers.train_loop import _add_lora
@@ -114,9 +115,13 @@ def test_lora_trains_only_the_adapter_and_resumes_exactly(tmp_path, base, stage)
     # a fresh process-equivalent: base from init_from, adapter + optimizer from the checkpoint
     torch.manual_seed(99)  # different fresh adapter init: the restore must overwrite it
     resumed, _, _ = _engine(base, stage)
-    restored = restore_checkpoint(ckpt, resumed, stage, 1, config, "fp32", train.lora.model_dump())
+    restored = restore_checkpoint(ckpt, resumed, stage, 1, config, "fp32", train.lora.model_dump(), str(base))
     assert restored.step == 3 and restored.base_checkpoint == str(base)
     assert _steps(resumed, vocab, range(3, 5)) == expected
+    with pytest.raises(ResumeMismatchError, match=r"train\.lora: job 'lora' resumes from ckpt, written with lora"):
+        restore_checkpoint(ckpt, resumed, stage, 1, config, "fp32", {**LORA, "r": 8}, str(base))
+    with pytest.raises(ResumeMismatchError, match=r"init_from: job 'lora' resumes from ckpt, an adapter trained on"):
+        restore_checkpoint(ckpt, resumed, stage, 1, config, "fp32", train.lora.model_dump(), "/elsewhere")
 
     # the merged checkpoint answers as base + adapter does
     merged_dir = merge_lora_checkpoint(str(ckpt), tmp_path / "merged")
