@@ -118,3 +118,28 @@ def test_registry_export_and_serving_get_the_merged_model(workdir, tmp_path):
         for directory in (tmp_path / "exported", registered, served):
             assert {"model.safetensors", "config.json", "tokenizer.json"} <= {p.name for p in Path(directory).iterdir()}
             torch.testing.assert_close(load_pretrained(directory)(idx)[0], expected, atol=1e-5, rtol=0)
+
+
+def test_deploy_serves_base_plus_adapter_like_the_merged_model(workdir, ray_cluster):
+    """`gptctl deploy` of the LoRA checkpoint itself: the replica merges base + adapter at load and
+    answers as the merged model does."""
+    from ray import serve
+
+    from infra.s3_endpoint import free_port
+    from model import SamplingParams, generate
+    from orchestrator.deploy import deploy, query
+
+    spec = parse_spec({"kind": "deploy", "name": "lora", "checkpoint": RUNS["lora"].checkpoint, "port": free_port(),
+                       "route_prefix": "/lora", "cpus_per_replica": 0.5})
+    url = deploy(spec)
+    try:
+        prompt = "Where does somebody live?"
+        reply = query(url, prompt, max_tokens=6, temperature=0.0, use_template=False)
+    finally:
+        serve.delete("lora")
+    merged = load_pretrained(workdir / "merged")
+    tokenizer = GPTTokenizer.load(workdir / "base")
+    ids = generate(merged, tokenizer.encode(prompt), SamplingParams(max_new_tokens=6, temperature=0.0,
+                                                                    stop_token_ids=(tokenizer.eos_id,)))
+    assert reply["completion_tokens"] == len(ids)
+    assert reply["text"] == tokenizer.decode([i for i in ids if i != tokenizer.eos_id])
