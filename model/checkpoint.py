@@ -129,8 +129,10 @@ def _read_safetensors(path: Path, device: str | torch.device) -> dict[str, Tenso
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint weights not found: {path}")
     with path.open("rb") as f:
-        head = f.read(8)
-    if head[:1] == b"\x80" or head[:2] == b"PK":
+        head = f.read(9)
+    # safetensors: an 8-byte header length, then the JSON header; its first byte may be 0x80 too
+    # (a header of 128 + 256k bytes), so only a file without the "{" after it is taken for a pickle
+    if head[8:9] != b"{" and (head[:1] == b"\x80" or head[:2] == b"PK"):
         raise ValueError(
             f"{path} looks like a pickle / torch.save file, not safetensors; refusing to load it "
             "(pickle can run arbitrary code). Convert it to safetensors with trusted tooling."

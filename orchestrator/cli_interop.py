@@ -21,9 +21,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "--format safetensors: consolidate DeepSpeed ZeRO engine state (any stage) into "
                     "model.safetensors beside config.json/tokenizer.json; "
                     "--format gptctl: read a Hugging Face GPT-2 directory into a gptctl checkpoint "
-                    "(then `gptctl data prepare --tokenizer OUT`, `init_from: OUT`).")
+                    "(then `gptctl data prepare --tokenizer OUT`, `init_from: OUT`). "
+                    "--merge: a LoRA checkpoint's adapter merged into its base, written as a full gptctl "
+                    "checkpoint (or, with --format hf, a Hugging Face directory).")
     export.add_argument("checkpoint", help="checkpoint dir, s3:// URI, or models:/NAME@ALIAS | models:/NAME/VERSION")
-    export.add_argument("--format", choices=("hf", "safetensors", "gptctl"), default="hf")
+    export.add_argument("--format", choices=("hf", "safetensors", "gptctl"), default=None,
+                        help="default: hf (gptctl with --merge)")
+    export.add_argument("--merge", action="store_true",
+                        help="merge a LoRA adapter checkpoint into its base (trainer_state.json's base_checkpoint)")
+    export.add_argument("--base", help="--merge: the base checkpoint, where it has moved since training")
     export.add_argument("--no-resize", action="store_true",
                         help="--format gptctl: refuse instead of growing the embedding for a missing <|pad|> token")
     export.add_argument("--out", required=True, help="output dir or s3:// prefix")
@@ -49,10 +55,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _bad_input_errors() -> tuple[type[BaseException], ...]:
     from model.hf import HFFormatError
     from orchestrator.export import ConsolidationError
+    from orchestrator.lora import LoraCheckpointError
     from orchestrator.registry import RegistryError
     from workers.storage import StorageError
 
-    return (HFFormatError, ConsolidationError, RegistryError, StorageError, FileNotFoundError)
+    return (HFFormatError, ConsolidationError, RegistryError, StorageError, FileNotFoundError, LoraCheckpointError)
 
 
 def _tracking_uri(args: argparse.Namespace) -> str:
@@ -80,8 +87,10 @@ def _export(args: argparse.Namespace) -> int:
     source = args.checkpoint
     if is_registry_uri(source):
         source = resolve_model_uri(source, _tracking_uri(args))
+    if args.merge:
+        return _export_merged(source, args)
     started = time.monotonic()
-    if args.format == "hf":
+    if (args.format or "hf") == "hf":
         export_hf(source, args.out)
         print(f"[gptctl] wrote a Hugging Face GPT-2 directory to {args.out} "
               f"({time.monotonic() - started:.1f} s); load it with "
@@ -94,6 +103,37 @@ def _export(args: argparse.Namespace) -> int:
         copy_checkpoint_sidecars(source, args.out)
         print(f"[gptctl] consolidated {source} into {args.out}/model.safetensors "
               f"({time.monotonic() - started:.1f} s)")
+    return EXIT_OK
+
+
+def _export_merged(source: str, args: argparse.Namespace) -> int:
+    """--merge: base + adapter → a full checkpoint that deploys like a full fine-tune's."""
+    import tempfile
+    from pathlib import Path
+
+    from orchestrator.export import export_hf
+    from orchestrator.lora import is_lora_checkpoint, merge_lora_checkpoint
+    from workers import storage
+
+    if args.format not in (None, "gptctl", "hf"):
+        print(f"gptctl: error: --merge writes --format gptctl or hf, not {args.format}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if not is_lora_checkpoint(source):
+        print(f"gptctl: error: --merge: {source} is not a LoRA checkpoint (no adapter_config.json)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="gptctl-merge-") as tmp:
+        merged = merge_lora_checkpoint(source, tmp, base=args.base)
+        if args.format == "hf":
+            export_hf(str(merged), args.out)
+        elif storage.is_s3(args.out):
+            storage.upload_dir(str(merged), args.out)
+        else:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            for path in sorted(merged.iterdir()):
+                storage.upload_file(str(path), str(Path(args.out, path.name)))
+    print(f"[gptctl] merged the adapter {source} into its base: {args.out} "
+          f"({'Hugging Face' if args.format == 'hf' else 'gptctl'} checkpoint, {time.monotonic() - started:.1f} s)")
     return EXIT_OK
 
 

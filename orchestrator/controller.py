@@ -17,7 +17,7 @@ from orchestrator.registry import CHECKPOINT_TAG, register_and_move_aliases
 from orchestrator.runs import JobRun, check_tracking_reachable, resolve_tracking_uri
 from orchestrator.spec import FinetuneSpec, PretrainSpec
 from workers import storage
-from workers.checkpointing import REQUIRED_SERVING_FILES
+from workers.checkpointing import ADAPTER_FILES, REQUIRED_SERVING_FILES
 from workers.shards import Manifest, load_manifest
 from workers.train_loop import WorkerJob
 
@@ -41,9 +41,21 @@ class TrainingResult:
     best_checkpoint: str | None = None  # serving files of the lowest-val-loss checkpoint
 
 
-def require_checkpoint(uri: str, field: str) -> None:
-    """A directory that serving/fine-tuning can read: the files named in ARCHITECTURE.md."""
+def require_checkpoint(uri: str, field: str, allow_adapter: bool = False) -> None:
+    """A directory that serving/fine-tuning can read: the files named in ARCHITECTURE.md, or (where
+    `allow_adapter`: serving) a LoRA adapter checkpoint whose base has them."""
+    from orchestrator.lora import LoraCheckpointError, base_checkpoint_of, is_lora_checkpoint
+
     storage.check_reachable(uri)
+    if is_lora_checkpoint(uri):
+        if not allow_adapter:
+            raise JobInputError(f"{field}: {uri} is a LoRA adapter checkpoint; merge it into a full one first "
+                                f"(gptctl export --merge {uri} --out DIR) and use DIR")
+        try:
+            base_checkpoint_of(uri)
+        except LoraCheckpointError as error:
+            raise JobInputError(f"{field}: {error}") from None
+        return
     missing = [name for name in REQUIRED_SERVING_FILES
                if not storage.exists(storage.join(uri, name))]
     if missing:
@@ -272,4 +284,5 @@ def run_training(prepared: PreparedJob, address: str | None = None, on_run=print
     best = job.extra["best_uri"]
     return TrainingResult(checkpoint=uri, run_id=job.run_id, step=state["step"],
                           metrics=dict(result.metrics or {}), model_name=model_name, model_version=version,
-                          best_checkpoint=best if storage.exists(storage.join(best, "model.safetensors")) else None)
+                          best_checkpoint=best if storage.exists(storage.join(best, "model.safetensors"))
+                          or storage.exists(storage.join(best, ADAPTER_FILES[0])) else None)

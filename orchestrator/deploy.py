@@ -115,7 +115,7 @@ def deploy(spec: DeploySpec, address: str | None = None, wait_s: float = 120.0) 
     it keeps answering: requests that arrive meanwhile wait for a replica, none is refused.
     """
     spec = resolve_checkpoint(spec)
-    require_checkpoint(spec.checkpoint, "checkpoint")
+    require_checkpoint(spec.checkpoint, "checkpoint", allow_adapter=True)
     app = build_application(spec)  # bad options fail here, before Ray starts
     ensure_ray(address)
     shortfall = fixed_size_shortfall(*_replica_resources(spec))

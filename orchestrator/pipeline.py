@@ -137,7 +137,8 @@ def _output_still_there(job, outputs: dict[str, Any]) -> bool:
             return False
     checkpoint = outputs.get("checkpoint")
     try:
-        return bool(checkpoint) and storage.exists(storage.join(checkpoint, "model.safetensors"))
+        return bool(checkpoint) and (storage.exists(storage.join(checkpoint, "model.safetensors"))
+                                     or storage.exists(storage.join(checkpoint, "adapter_model.safetensors")))
     except storage.StorageError:
         return False
 

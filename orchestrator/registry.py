@@ -24,12 +24,17 @@ def register_checkpoint(run_id: str, checkpoint_uri: str, model_name: str, track
     """Log the checkpoint's serving files under the run and register them; returns the version."""
     import mlflow
 
+    from orchestrator.lora import is_lora_checkpoint, merge_lora_checkpoint
+
     mlflow.set_tracking_uri(tracking_uri)
     with tempfile.TemporaryDirectory(prefix="gptctl-register-") as staging:
         local = Path(staging, "checkpoint")  # the artifact keeps this directory's name
         local.mkdir()
-        for name in SERVING_FILES:
-            storage.download_file(storage.join(checkpoint_uri, name), str(local / name))
+        if is_lora_checkpoint(checkpoint_uri):  # the registry holds what deploys: the merged model
+            merge_lora_checkpoint(checkpoint_uri, local)
+        else:
+            for name in SERVING_FILES:
+                storage.download_file(storage.join(checkpoint_uri, name), str(local / name))
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name="model",

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
@@ -157,6 +157,14 @@ class EvalSetSpec(StrictModel):
             read_eval_set(self.path)
         except EvalSetError as error:
             raise SpecProblems([("path", str(error))]) from None
+        return self
+
+    @model_validator(mode="after")
+    def _no_adapters(self) -> "PretrainSpec":
+        """Adapters train on a frozen base, which a pre-train does not have yet."""
+        if self.train.lora is not None:
+            raise SpecProblems([("train.lora", "LoRA adapters fine-tune a trained model: use kind: finetune "
+                                               "(with init_from), or remove train.lora to pre-train every weight")])
         return self
 
 
@@ -399,9 +407,9 @@ def _parent_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
         if model is None or part not in model.model_fields:
             return None
         annotation = model.model_fields[part].annotation
-        optional = [a for a in getattr(annotation, "__args__", ()) if a is not type(None)]
-        annotation = optional[0] if len(optional) == 1 else annotation  # `Model | None` names Model's fields
-        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        # an optional section (`LoraSpec | None`): the model inside it
+        models = [a for a in (get_args(annotation) or (annotation,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        model = models[0] if len(models) == 1 else None
         in_pipeline = in_pipeline and part == "stages"
     return model
 

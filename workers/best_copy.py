@@ -14,7 +14,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from workers import storage
-from workers.checkpointing import SERVING_FILES  # trainer_state.json last
+from workers.checkpointing import serving_files  # trainer_state.json last
 
 
 class BestCopy:
@@ -27,9 +27,10 @@ class BestCopy:
         """Snapshot the serving files now (Ray deletes checkpoint_dir after its own upload)."""
         self.wait()
         staged = Path(tempfile.mkdtemp(prefix="gptctl-best-"))
-        for name in SERVING_FILES:
+        names = serving_files(checkpoint_dir)  # a LoRA checkpoint's are its adapter's
+        for name in names:
             shutil.copy2(Path(checkpoint_dir, name), staged / name)
-        self._pending = self._executor.submit(self._upload, staged)
+        self._pending = self._executor.submit(self._upload, staged, names)
 
     def wait(self) -> None:
         pending, self._pending = self._pending, None
@@ -42,9 +43,9 @@ class BestCopy:
         finally:
             self._executor.shutdown(wait=True)
 
-    def _upload(self, staged: Path) -> None:
+    def _upload(self, staged: Path, names: tuple[str, ...]) -> None:
         try:
-            for name in SERVING_FILES:
+            for name in names:
                 storage.upload_file(str(staged / name), storage.join(self.best_uri, name))
         finally:
             shutil.rmtree(staged, ignore_errors=True)

@@ -6,6 +6,10 @@ Layout of one checkpoint directory (ARCHITECTURE.md, "Checkpoint directory"):
   config.json           model config
   tokenizer.json        the tokenizer the data was packed with
   trainer_state.json    step, tokens seen, data position, seed, MLflow run id
+A LoRA fine-tune (train.lora) writes the adapter instead of model.safetensors:
+  adapter_model.safetensors + adapter_config.json (peft's format), and trainer_state.json names
+  the base checkpoint (`base_checkpoint`) that serving and export merge it into; its deepspeed/
+  state leaves the frozen base weights out.
 Every rank writes its DeepSpeed shard into its own local directory; Ray Train merges the
 ranks' directories into one checkpoint in storage (file names never collide).
 """
@@ -31,6 +35,14 @@ TRAINER_STATE = "trainer_state.json"
 # what serving, fine-tuning and export read; trainer_state.json is optional for them
 REQUIRED_SERVING_FILES = ("model.safetensors", "config.json", "tokenizer.json")
 SERVING_FILES = (*REQUIRED_SERVING_FILES, TRAINER_STATE)
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")  # = model.lora's file names
+# a LoRA checkpoint's serving files: the adapter, the base's config and tokenizer, trainer_state last
+LORA_SERVING_FILES = (*ADAPTER_FILES, "config.json", "tokenizer.json", TRAINER_STATE)
+
+
+def serving_files(directory: str | Path) -> tuple[str, ...]:
+    """The serving files of a local checkpoint directory, full or LoRA."""
+    return LORA_SERVING_FILES if Path(directory, ADAPTER_FILES[0]).is_file() else SERVING_FILES
 
 
 @dataclass
@@ -51,6 +63,8 @@ class TrainerState:
     parent_run_id: str | None = None
     val_loss: float | None = None
     best_val_loss: float | None = None
+    lora: dict[str, Any] | None = None  # train.lora of an adapter-only checkpoint
+    base_checkpoint: str | None = None  # where its frozen base weights are (the job's init_from)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -64,10 +78,14 @@ class TrainerState:
         return cls.from_json(Path(directory, TRAINER_STATE).read_text())
 
 
-def consolidated_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor] | None:
-    """Full fp32 weights on rank 0. Under ZeRO-3 this is a collective: every rank must call it."""
+def consolidated_state_dict(engine, zero_stage: int, trainable_only: bool = False) -> dict[str, torch.Tensor] | None:
+    """Full fp32 weights on rank 0 (only the trainable ones: `trainable_only`). Under ZeRO-3 this
+    is a collective: every rank must call it."""
     if zero_stage == 3:
-        state = engine._zero3_consolidated_16bit_state_dict()
+        state = engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=trainable_only)
+    elif trainable_only:
+        trainable = {name for name, param in engine.module.named_parameters() if param.requires_grad}
+        state = {name: tensor for name, tensor in engine.module.state_dict().items() if name in trainable}
     else:
         state = engine.module.state_dict()
     if state is None:  # ranks other than 0 under ZeRO-3
@@ -84,13 +102,25 @@ def save_checkpoint(
     tokenizer: GPTTokenizer,
     state: TrainerState,
     is_rank_zero: bool,
+    adapter_config=None,
 ) -> None:
-    """Write this rank's part of a checkpoint into a local directory (all ranks must call)."""
+    """Write this rank's part of a checkpoint into a local directory (all ranks must call).
+
+    With `adapter_config` (a peft LoraConfig) only the adapter is written: the frozen base stays
+    where state.base_checkpoint points."""
     directory = Path(directory)
-    engine.save_checkpoint(str(directory / DEEPSPEED_DIR), tag=f"step_{state.step:08d}")
-    weights = consolidated_state_dict(engine, zero_stage)
-    if is_rank_zero:
+    lora = adapter_config is not None
+    engine.save_checkpoint(str(directory / DEEPSPEED_DIR), tag=f"step_{state.step:08d}", exclude_frozen_parameters=lora)
+    weights = consolidated_state_dict(engine, zero_stage, trainable_only=lora)
+    if is_rank_zero and lora:
+        from model.lora import adapter_state_dict, save_adapter
+
+        save_adapter(directory, adapter_state_dict(engine.module, weights), adapter_config)
+        (directory / "config.json").write_text(json.dumps(model_config.to_dict(), indent=2, sort_keys=True) + "\n")
+        tokenizer.save(directory / "tokenizer.json")
+    elif is_rank_zero:
         save_pretrained(directory, weights, model_config, tokenizer)
+    if is_rank_zero:
         # written last: a directory holding trainer_state.json is a complete checkpoint
         tmp = directory / (TRAINER_STATE + ".tmp")
         tmp.write_text(state.to_json())
@@ -156,7 +186,8 @@ def check_same_engine_layout(directory: Path, saved: TrainerState, zero_stage: i
 
 
 def restore_checkpoint(directory: str | Path, engine, zero_stage: int, world_size: int,
-                       model_config: GPTConfig, precision: str) -> TrainerState:
+                       model_config: GPTConfig, precision: str, lora: dict[str, Any] | None = None,
+                       base_checkpoint: str | None = None) -> TrainerState:
     """Load engine state (weights, optimizer) and the trainer state written beside it.
 
     ZeRO 1-2 optimizer state is partitioned by data-parallel rank: with a different number of
@@ -178,8 +209,18 @@ def restore_checkpoint(directory: str | Path, engine, zero_stage: int, world_siz
     if resharded:
         log.warning("resuming a ZeRO-%d checkpoint of %d workers on %d: weights restored, "
                     "optimizer moments restart", zero_stage, state.world_size, world_size)
+    if (state.lora is not None) != (lora is not None) or (lora is not None and state.lora != lora):
+        raise ResumeMismatchError(
+            f"train.lora: job {state.job_name!r} resumes from {directory.name}, written with lora {state.lora}; "
+            f"resume with the same train.lora, or submit under a new name to start afresh")
+    if lora is not None and state.base_checkpoint != base_checkpoint:
+        raise ResumeMismatchError(
+            f"init_from: job {state.job_name!r} resumes from {directory.name}, an adapter trained on "
+            f"{state.base_checkpoint}, not {base_checkpoint}; resume with that init_from, or submit under a new name")
     with weights_only_deepspeed_loads():  # DeepSpeed itself would unpickle with weights_only=False
-        load_path, _ = engine.load_checkpoint(str(directory / DEEPSPEED_DIR), load_module_only=resharded)
+        # an adapter-only checkpoint holds no base weights: those already came from init_from
+        load_path, _ = engine.load_checkpoint(str(directory / DEEPSPEED_DIR), load_module_only=resharded,
+                                              load_module_strict=state.lora is None)
     if load_path is None:
         raise FileNotFoundError(f"{directory}: no DeepSpeed state under {DEEPSPEED_DIR}/")
     return state

@@ -127,6 +127,18 @@ def _load_initial_model(job: WorkerJob) -> GPT:
         return load_pretrained(local)
 
 
+def _add_lora(model: GPT, train: TrainSpec):
+    """train.lora: wrap the target layers with peft adapters and freeze the rest; returns the
+    adapter's LoraConfig (None without train.lora)."""
+    if train.lora is None:
+        return None
+    from model.lora import add_adapter, lora_config
+
+    config = lora_config(train.lora.r, train.lora.alpha, train.lora.dropout, train.lora.target_modules)
+    add_adapter(model, config)
+    return config
+
+
 def _mean_across_ranks(value: float, device: torch.device, weight: float = 1.0) -> float:
     """`device` is the engine's: NCCL reduces only CUDA tensors, gloo CPU ones."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
@@ -297,16 +309,19 @@ def run_worker(job: WorkerJob, hooks) -> TrainerState:
 
     model = _load_initial_model(job)
     model_config = model.config
+    adapter = _add_lora(model, train)
     engine, optimizer = build_engine(model, train)
+    lora = train.lora.model_dump() if train.lora else None
     state = TrainerState(job_name=job.job_name, kind=job.kind, seed=train.seed, world_size=world_size,
                          zero_stage=train.zero_stage, precision=train.precision, mlflow_run_id=job.run_id,
-                         parent_run_id=job.parent_run_id)
+                         parent_run_id=job.parent_run_id, lora=lora,
+                         base_checkpoint=job.init_from if lora else None)
     checkpoint = hooks.latest_checkpoint()
     if checkpoint is not None:
         resumed = read_shared_checkpoint(
             checkpoint,
             lambda directory: restore_checkpoint(directory, engine, train.zero_stage, world_size, model_config,
-                                                 train.precision))
+                                                 train.precision, lora, state.base_checkpoint))
         if resumed.world_size != world_size:
             log.info("resuming with %d workers instead of %d: the global data order continues exactly",
                      world_size, resumed.world_size)
@@ -387,7 +402,7 @@ def run_worker(job: WorkerJob, hooks) -> TrainerState:
             run_eval()
         if state.step % train.checkpoint_every == 0 or last:
             tracker.flush()
-            _checkpoint(engine, train, model_config, tokenizer, state, hooks, train_loss, best_copy)
+            _checkpoint(engine, train, model_config, tokenizer, state, hooks, train_loss, best_copy, adapter)
         fault.maybe_fire(state.step)
         if fault.step_delay_s:
             time.sleep(fault.step_delay_s)
@@ -402,7 +417,8 @@ def run_worker(job: WorkerJob, hooks) -> TrainerState:
 
 
 def _checkpoint(engine, train: TrainSpec, model_config: GPTConfig, tokenizer: GPTTokenizer,
-                state: TrainerState, hooks, train_loss: float, best_copy: BestCopy | None) -> None:
+                state: TrainerState, hooks, train_loss: float, best_copy: BestCopy | None,
+                adapter=None) -> None:
     """Save this rank's part locally, start the best-weights copy, hand the rest to Ray (both upload
     in the background)."""
     rank = hooks.rank
@@ -411,7 +427,7 @@ def _checkpoint(engine, train: TrainSpec, model_config: GPTConfig, tokenizer: GP
     if improved:
         state.best_val_loss = state.val_loss
     save_checkpoint(local, engine, zero_stage=train.zero_stage, model_config=model_config,
-                    tokenizer=tokenizer, state=state, is_rank_zero=(rank == 0))
+                    tokenizer=tokenizer, state=state, is_rank_zero=(rank == 0), adapter_config=adapter)
     if improved and best_copy is not None:
         best_copy.submit(local)  # the best weights outlive keep_last rotation: serving files only
     report = {"step": state.step, "train/loss": train_loss}

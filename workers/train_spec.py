@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class StrictModel(BaseModel):
@@ -31,6 +31,42 @@ AttentionKernel = Literal["auto", "flash", "cudnn", "efficient", "math"]
 CUDA_ONLY_ATTENTION_KERNELS = ("cudnn", "efficient")
 PORTABLE_ATTENTION_KERNELS = tuple(k for k in get_args(AttentionKernel) if k not in CUDA_ONLY_ATTENTION_KERNELS)
 PORTABLE_KERNELS_TEXT = ", ".join(PORTABLE_ATTENTION_KERNELS[:-1]) + " or " + PORTABLE_ATTENTION_KERNELS[-1]
+
+
+# GPT's nn.Linear modules an adapter may wrap, by the names peft matches (a name matches every module
+# whose dotted path ends with it). lm_head is not offered: it shares its weight with the token
+# embedding, and a merged adapter there would untie the two.
+LORA_TARGETS = ("c_attn", "c_proj", "c_fc", "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+class LoraSpec(StrictModel):
+    """Low-rank adapters (peft LoRA) on a frozen base: only the adapters train and are checkpointed."""
+
+    r: int = Field(default=8, description="adapter rank (>= 1)")
+    alpha: float = Field(default=16.0, gt=0, description="scaling: the adapter's update is multiplied by alpha / r")
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="dropout on the adapter's input")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["c_attn", "c_proj", "c_fc"],
+        description="GPT linear layers that get an adapter: " + ", ".join(LORA_TARGETS)
+                    + " ('c_proj' means both attn.c_proj and mlp.c_proj)")
+
+    @field_validator("r")
+    @classmethod
+    def _positive_rank(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be at least 1 (the adapter rank, e.g. 4, 8 or 16)")
+        return value
+
+    @field_validator("target_modules")
+    @classmethod
+    def _known_targets(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError(f"name at least one of: {', '.join(LORA_TARGETS)}")
+        unknown = [name for name in value if name not in LORA_TARGETS]
+        if unknown:
+            raise ValueError(f"{', '.join(map(repr, unknown))} match no GPT module an adapter can wrap; "
+                             f"valid: {', '.join(LORA_TARGETS)}")
+        return list(dict.fromkeys(value))
 
 
 class TrainSpec(StrictModel):
@@ -69,6 +105,9 @@ class TrainSpec(StrictModel):
     data_interleave: int = Field(
         default=16, ge=1, description="shards interleaved per window of the global data order; "
                                       "a multiple of cluster.num_workers means no shard is read by two ranks")
+    lora: LoraSpec | None = Field(
+        default=None, description="fine-tune low-rank adapters instead of every weight (kind: finetune only); "
+                                  "checkpoints then hold the adapter alone")
     deepspeed: dict[str, Any] = Field(
         default_factory=dict, description="extra DeepSpeed config merged over the one built from these fields "
                                           "(e.g. zero_optimization.reduce_bucket_size, torch_autocast)")

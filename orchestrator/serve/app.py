@@ -96,10 +96,15 @@ class GenerateResponse(BaseModel):
 
 
 def _local_checkpoint(checkpoint: str) -> str:
-    """Serving reads only the safetensors/config/tokenizer files; fetch them if remote."""
+    """Serving reads only the safetensors/config/tokenizer files; fetch them if remote. A LoRA
+    checkpoint is merged into its base here, once per replica: decoding then costs what a full
+    fine-tune's does."""
+    from orchestrator.lora import is_lora_checkpoint, merge_lora_checkpoint
     from workers import storage
     from workers.checkpointing import SERVING_FILES
 
+    if is_lora_checkpoint(checkpoint):
+        return str(merge_lora_checkpoint(checkpoint, tempfile.mkdtemp(prefix="gptctl-serve-lora-")))
     if not storage.is_s3(checkpoint):
         return checkpoint
     local = tempfile.mkdtemp(prefix="gptctl-serve-")
