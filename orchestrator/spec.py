@@ -134,6 +134,14 @@ class PretrainSpec(_TrainingJob):
     cluster: ClusterSpec = Field(default=ClusterSpec(), description="workers and their resources")
     debug: DebugSpec = Field(default=DebugSpec(), description="fault injection for tests")
 
+    @model_validator(mode="after")
+    def _no_adapters(self) -> "PretrainSpec":
+        """Adapters train on a frozen base, which a pre-train does not have yet."""
+        if self.train.lora is not None:
+            raise SpecProblems([("train.lora", "LoRA adapters fine-tune a trained model: use kind: finetune "
+                                               "(with init_from), or remove train.lora to pre-train every weight")])
+        return self
+
 
 class EvalSetSpec(StrictModel):
     """Task evaluation of a fine-tune: greedy answers to held-out prompts, scored against the expected
@@ -159,13 +167,6 @@ class EvalSetSpec(StrictModel):
             raise SpecProblems([("path", str(error))]) from None
         return self
 
-    @model_validator(mode="after")
-    def _no_adapters(self) -> "PretrainSpec":
-        """Adapters train on a frozen base, which a pre-train does not have yet."""
-        if self.train.lora is not None:
-            raise SpecProblems([("train.lora", "LoRA adapters fine-tune a trained model: use kind: finetune "
-                                               "(with init_from), or remove train.lora to pre-train every weight")])
-        return self
 
 
 class FinetuneSpec(_TrainingJob):
