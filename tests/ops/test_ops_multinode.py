@@ -116,7 +116,7 @@ def test_local_paths_are_refused_on_a_multi_node_cluster(tmp_path):
 
 
 def test_zero2_trains_across_nodes_through_s3_and_mlflow_and_resumes(
-        cluster, s3_data, mlflow_server, write_spec, job_id_from, tmp_path):
+        cluster, s3_data, mlflow_server, write_spec, job_id_from, gptctl, tmp_path):
     import mlflow
 
     runs = f"{BUCKET}/runs"
@@ -137,6 +137,15 @@ def test_zero2_trains_across_nodes_through_s3_and_mlflow_and_resumes(
     assert code == 0, text[-4000:]
     assert "[gptctl] resumed mn-zero2 from step 2" in text and "finished at step 4" in text, text[-3000:]
     _check_placement(cluster, job_id, seen)
+
+    # the Jobs API view of the same job: where each worker ran, and both workers' logs
+    url = cluster["head"].dashboard_url
+    code, out, _ = gptctl("status", job_id, "--address", url)
+    assert code == 0 and "workers   2 on 2 nodes" in out, out
+    assert all(node.node_id[:8] in out for node in cluster["nodes"]), out
+    pids = [worker["pid"] for worker in jobs.train_workers(url, jobs.job_info(url, job_id))]
+    code, out, _ = gptctl("logs", job_id, "--follow", "--address", url)
+    assert code == 0 and all(f"RayTrainWorker pid={pid})" in out for pid in pids), out[-3000:]
 
     client = mlflow.MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name("multinode")
