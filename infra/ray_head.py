@@ -35,7 +35,7 @@ from pathlib import Path
 
 from infra.s3_endpoint import free_port
 
-__all__ = ["RayHead", "start_ray_head", "stop_process_tree", "process_matches"]
+__all__ = ["RayHead", "RayWorkerNode", "start_ray_head", "start_ray_worker", "stop_process_tree", "process_matches"]
 
 DASHBOARD_PORT, GCS_PORT, CLIENT_PORT, SERVE_PORT = 8265, 6379, 10001, 8000  # Ray's usual ports
 
@@ -269,6 +269,120 @@ def _wait_ready(head: RayHead, timeout: float) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"Ray head at {head.dashboard_url} did not answer within {timeout:.0f} s")
         time.sleep(0.5)
+
+
+@dataclass
+class RayWorkerNode:
+    """A worker node (`ray start --address HEAD --block`) joined to a head; stopped like the head."""
+
+    pid: int
+    create_time: float
+    temp_dir: str
+    resources: dict
+    node_id: str = ""  # Ray's id for this node, known once its raylet has started
+    log_path: str | None = None
+    process: subprocess.Popen | None = field(default=None, repr=False, compare=False)
+
+    def wait_joined(self, head: RayHead, timeout: float = 120.0) -> None:
+        """Until the head lists this node alive; stops the node and raises if it does not."""
+        deadline = time.monotonic() + timeout
+        try:
+            while not (self.node_id and self.node_id in _alive_node_ids(head)):
+                self.node_id = self.node_id or _own_node_id(self.temp_dir)
+                if self.process is not None and self.process.poll() is not None:
+                    tail = Path(self.log_path).read_text(errors="replace")[-2000:] if self.log_path else ""
+                    raise RuntimeError(f"ray start --address exited with code {self.process.returncode}\n{tail}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the worker node did not join {head.gcs_address} within {timeout:.0f} s")
+                time.sleep(0.5)
+        except BaseException:
+            self.stop()
+            raise
+
+    def alive(self) -> bool:
+        return process_matches(self.pid, self.create_time)
+
+    def stop(self, timeout: float = 30.0) -> list[int]:
+        atexit.unregister(self.stop)
+        ended = stop_process_tree(self.pid, self.create_time, timeout=timeout, session=True)
+        if self.process is not None:
+            try:
+                self.process.wait(timeout=1)
+            except subprocess.TimeoutExpired:
+                pass
+        return ended
+
+
+def start_ray_worker(
+    head: RayHead,
+    num_cpus: int = 1,
+    resources: dict[str, float] | None = None,
+    temp_dir: str | Path | None = None,
+    object_store_memory: int | None = 128 * 1024 * 1024,
+    host: str = "127.0.0.1",
+    log_path: str | Path | None = None,
+    wait: bool = True,
+    timeout: float = 120.0,
+) -> RayWorkerNode:
+    """Join one more node (its own raylet, object store, agents, temp dir, free ports) to `head`;
+    returns once the head lists it alive (`wait=False`: at once; call `wait_joined`). Several can
+    run on one host, started together: a test cluster on loopback.
+
+    `resources` are Ray custom resources, so a job can ask for a node of this kind
+    (`cluster.resources_per_worker`)."""
+    temp_dir = str(temp_dir or tempfile.mkdtemp(prefix="rw_", dir="/tmp"))
+    Path(temp_dir).mkdir(parents=True, exist_ok=True)
+    ray_bin = Path(sys.executable).with_name("ray")
+    command = [
+        str(ray_bin) if ray_bin.exists() else "ray", "start", "--address", head.gcs_address, "--block",
+        "--node-ip-address", host, "--num-cpus", str(num_cpus), "--resources", json.dumps(resources or {}),
+        "--dashboard-agent-listen-port", str(free_port(host)), "--dashboard-agent-grpc-port", str(free_port(host)),
+        "--runtime-env-agent-port", str(free_port(host)), "--metrics-export-port", str(free_port(host)),
+        "--node-manager-port", str(free_port(host)), "--object-manager-port", str(free_port(host)),
+        "--temp-dir", temp_dir, "--disable-usage-stats",
+    ]
+    if object_store_memory:
+        command += ["--object-store-memory", str(object_store_memory)]
+    child_env = dict(os.environ)
+    child_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{child_env.get('PATH', '')}"
+    child_env.update({"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"})
+    child_env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
+    child_env.setdefault("TORCH_EXTENSIONS_DIR", _extensions_dir())
+    child_env.pop("RAY_ADDRESS", None)
+    log = open(log_path, "ab") if log_path else subprocess.DEVNULL
+    try:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   env=child_env, start_new_session=True)
+    finally:
+        if log_path:
+            log.close()
+    import psutil
+
+    node = RayWorkerNode(pid=process.pid, create_time=psutil.Process(process.pid).create_time(),
+                         temp_dir=temp_dir, resources=dict(resources or {}),
+                         log_path=str(log_path) if log_path else None, process=process)
+    atexit.register(node.stop)
+    if wait:
+        node.wait_joined(head, timeout)
+    return node
+
+
+def _own_node_id(temp_dir: str) -> str:
+    """The node id a raylet chose, from the port files it writes into its own temp dir
+    (`session_latest/metrics_export_port_<node id>`); "" until they exist."""
+    for path in Path(temp_dir, "session_latest").glob("metrics_export_port_*"):
+        return path.name.rsplit("_", 1)[-1]
+    return ""
+
+
+def _alive_node_ids(head: RayHead) -> set[str]:
+    """The head's alive nodes, from the dashboard's state API (no driver connection needed)."""
+    try:
+        with urllib.request.urlopen(f"{head.dashboard_url}/api/v0/nodes?limit=1000", timeout=5) as response:
+            nodes = json.loads(response.read())["data"]["result"]["result"]
+    except (urllib.error.URLError, OSError, ValueError, KeyError):
+        return set()
+    return {node["node_id"] for node in nodes if node.get("state") == "ALIVE"}
 
 
 if __name__ == "__main__":  # manual check: python -m infra.ray_head

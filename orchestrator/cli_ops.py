@@ -161,6 +161,13 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(jobs.describe_job(info))
         meta = info.metadata or {}
         if meta.get(jobs.METADATA_KIND) in ("pretrain", "finetune"):
+            try:
+                workers = jobs.train_workers(address, info)
+            except Exception as error:  # noqa: BLE001 - where workers ran is extra; the status stands
+                print(f"(worker placement unavailable: {type(error).__name__}: {error})")
+            else:
+                if workers:
+                    print(jobs.describe_workers(workers))
             print()
             tracking = args.tracking_uri or meta.get(jobs.METADATA_TRACKING) or None
             _print_run_progress(meta[jobs.METADATA_JOB], tracking, quiet_missing=True)

@@ -218,19 +218,26 @@ def _sigint_handler_kept() -> Iterator[None]:
 
 def run_training(prepared: PreparedJob, address: str | None = None, on_run=print) -> TrainingResult:
     """Run the job on Ray; resumes from the latest checkpoint of a job with the same name."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
+    from orchestrator.placement import alive_node_count, multi_node_problem, scaling_config
     from orchestrator.stop_on_input_error import StopOnInputError, input_error_of
     from workers.train_loop import train_loop_per_worker
 
     spec, job = prepared.spec, prepared.worker_job
     ensure_ray(address)
+    problem = multi_node_problem(spec, job.tracking_uri, alive_node_count())
+    if problem:  # before the run is opened: nothing was started
+        raise JobInputError(f"job {spec.name}: {problem}")
     workers = spec.cluster.num_workers
     shortfall = fixed_size_shortfall(
         cpus=(workers * spec.cluster.cpus_per_worker,
               f"cluster.num_workers × cluster.cpus_per_worker ({workers} × {spec.cluster.cpus_per_worker:g})"),
-        gpus=(workers if spec.cluster.use_gpu else 0, f"cluster.use_gpu with cluster.num_workers {workers}"))
+        gpus=(workers if spec.cluster.use_gpu else 0, f"cluster.use_gpu with cluster.num_workers {workers}"),
+        others={name: (workers * amount, f"cluster.resources_per_worker.{name} × cluster.num_workers "
+                                         f"({amount:g} × {workers})")
+                for name, amount in spec.cluster.resources_per_worker.items()})
     if shortfall:  # before the run is opened: nothing was started
         raise JobInputError(f"job {spec.name}: {shortfall}")
     tracker = JobRun(job.tracking_uri, spec.tracking.experiment)
@@ -250,8 +257,7 @@ def run_training(prepared: PreparedJob, address: str | None = None, on_run=print
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=job.to_dict(),
-        scaling_config=ScalingConfig(num_workers=spec.cluster.num_workers, use_gpu=spec.cluster.use_gpu,
-                                     resources_per_worker={"CPU": spec.cluster.cpus_per_worker}),
+        scaling_config=scaling_config(spec.cluster),
         run_config=RunConfig(
             name=spec.name, storage_path=storage_path, storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=spec.cluster.max_failures),

@@ -325,3 +325,28 @@ def describe_job(info) -> str:
     if info.message:
         lines.append(f"message   {info.message.strip()}")
     return "\n".join(lines)
+
+
+def train_workers(address: str, info) -> list[dict]:
+    """The job's Ray Train worker processes and where they ran (node IP and id, pid, state), from
+    Ray's state API on the dashboard: the cluster keeps ended actors for a while, so a finished
+    job still shows where it ran. Empty for a job that has started no workers (yet)."""
+    from ray.util.state import list_actors, list_nodes
+
+    if not info.job_id:
+        return []
+    address = normalize_address(address)
+    actors = list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker"), ("job_id", "=", info.job_id)],
+                         detail=True, limit=10_000, raise_on_missing_output=False)
+    ips = {node.node_id: node.node_ip for node in list_nodes(address=address, limit=10_000,
+                                                               raise_on_missing_output=False)}
+    return [{"pid": actor.pid, "node_id": actor.node_id, "node_ip": ips.get(actor.node_id, "?"),
+             "state": actor.state} for actor in actors]
+
+
+def describe_workers(workers: list[dict]) -> str:
+    """`gptctl status` lines: one per training worker (every attempt of a restarted group)."""
+    nodes = {w["node_id"] for w in workers}
+    lines = [f"workers   {len(workers)} on {len(nodes)} node{'s' if len(nodes) != 1 else ''}"]
+    lines += [f"  pid {w['pid']:<8} node {w['node_ip']} ({(w['node_id'] or '?')[:8]})  {w['state']}" for w in workers]
+    return "\n".join(lines)

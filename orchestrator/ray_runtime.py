@@ -73,7 +73,8 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, temp_dir
     _embedded = not address
 
 
-def fixed_size_shortfall(cpus: tuple[float, str], gpus: tuple[float, str]) -> str | None:
+def fixed_size_shortfall(cpus: tuple[float, str], gpus: tuple[float, str],
+                         others: dict[str, tuple[float, str]] | None = None) -> str | None:
     """What a Ray that never grows lacks for a request, or None if it fits (or it may grow).
     Each need comes as (amount, how the spec asks for it), so the message names the fields.
 
@@ -88,7 +89,8 @@ def fixed_size_shortfall(cpus: tuple[float, str], gpus: tuple[float, str]) -> st
     where = "the embedded Ray on this machine" if _embedded else "this Ray cluster (it does not autoscale)"
     remedy = "use a Ray cluster (--address)" if _embedded else "add nodes"
     total = ray.cluster_resources()
-    for (amount, asked), resource in ((cpus, "CPU"), (gpus, "GPU")):
+    needs = [(cpus, "CPU"), (gpus, "GPU"), *((need, name) for name, need in (others or {}).items())]
+    for (amount, asked), resource in needs:
         if amount > total.get(resource, 0):
             return (f"{asked} needs {amount:g} {resource}{'s' if amount != 1 else ''}, but {where} has "
                     f"{total.get(resource, 0):g}; ask for less, or {remedy}")

@@ -39,6 +39,26 @@ class ClusterSpec(StrictModel):
     cpus_per_worker: float = Field(default=1.0, gt=0, description="CPUs Ray reserves for each worker")
     max_failures: int = Field(default=0, ge=-1, description="restarts of the worker group from its last checkpoint "
                               "after a failure; -1 retries forever")
+    placement: Literal["pack", "spread"] = Field(
+        default="pack", description="how Ray places the training workers: `pack` fills a node before the next "
+        "(fastest collectives), `spread` puts each on a different node where it can (Ray Train's placement "
+        "strategy)")
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict, description="extra Ray resources each worker needs besides its CPUs/GPU, e.g. "
+        "`{trainer_node: 1}` to keep workers on nodes started with `ray start --resources '{\"trainer_node\": 1}'`")
+    shared_storage: bool = Field(
+        default=False, description="declare that a local `storage_path` / `data` path is on a disk every node "
+        "of the cluster mounts at the same path; without it a multi-node cluster refuses local paths (use s3://)")
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _custom_resources_only(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, amount in value.items():
+            if name in ("CPU", "GPU"):
+                raise ValueError(f"'{name}': set it with cluster.cpus_per_worker / cluster.use_gpu")
+            if amount <= 0:
+                raise ValueError(f"'{name}': must be greater than 0, got {amount:g}")
+        return value
 
 
 class TrackingSpec(StrictModel):

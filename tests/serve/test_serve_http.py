@@ -205,6 +205,25 @@ def test_body_size_cap(serve_url):
     assert post(serve_url, "/generate", {"prompt": "x" * 70_000}).status_code == 413
 
 
+def test_an_oversized_upload_is_answered_413_not_reset(serve_url):
+    """A client that writes all 50 MB before reading (urllib does) still gets the 413 and its JSON:
+    the server reads and discards the upload instead of closing the socket on it."""
+    import urllib.error
+    import urllib.request
+
+    big = b'{"prompt": "' + b"x" * (50 * 1024 * 1024) + b'"}'
+    request = urllib.request.Request(f"{serve_url}/v1/completions", data=big,
+                                     headers={"content-type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=60)
+    assert refused.value.code == 413
+    assert "65536" in json.loads(refused.value.read())["error"]["message"]
+    chunks = (big[i:i + (1 << 20)] for i in range(0, len(big), 1 << 20))  # no Content-Length
+    chunked = httpx.post(f"{serve_url}/v1/completions", content=chunks, timeout=60)
+    assert chunked.status_code == 413 and "65536" in chunked.json()["error"]["message"]
+    assert complete(serve_url, prompt="still fine", max_tokens=2)["choices"][0]["text"] is not None
+
+
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(serve_url):
     # a greedy prompt that runs the full 1000 tokens (no end-of-text), so it is still running below
     body = next(b for b in ({"prompt": p, "max_tokens": 1000, "temperature": 0} for p in ("Alice", "Bob", "x", "中文", "a b"))
