@@ -111,6 +111,29 @@ def merge_adapter(model: GPT) -> GPT:
     return model
 
 
+def merged_weights(model: GPT, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A plain GPT's state dict from an adapted model's full one (e.g. gathered off ZeRO-3 shards,
+    where peft's in-place merge cannot run): each wrapped weight becomes W + B·A·scaling."""
+    from peft.tuners.lora import LoraLayer
+
+    scaling = {name: layer.scaling["default"] for name, layer in model.named_modules() if isinstance(layer, LoraLayer)}
+    merged: dict[str, Tensor] = {}
+    for key, tensor in state_dict.items():
+        prefix, marker, leaf = key.partition(".base_layer.")
+        if "lora_" in key:
+            continue
+        if not marker:
+            merged[key] = tensor
+            continue
+        if leaf == "weight":
+            down = state_dict[f"{prefix}.lora_A.default.weight"]
+            up = state_dict[f"{prefix}.lora_B.default.weight"]
+            tensor = tensor + (up.float() @ down.float()).to(tensor.dtype) * scaling[prefix]
+        merged[f"{prefix}.{leaf}"] = tensor
+    merged.setdefault("lm_head.weight", merged["transformer.wte.weight"])  # tied; the adapter state leaves it out
+    return merged
+
+
 def load_merged(base_dir: str | Path, adapter_dir: str | Path, device: str = "cpu") -> GPT:
     """Base + adapter merged into one GPT, as a full fine-tune would have produced it."""
     return merge_adapter(load_with_adapter(base_dir, adapter_dir, device)).eval()

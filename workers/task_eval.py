@@ -131,6 +131,10 @@ def _full_model(module: GPT, zero3: bool) -> GPT:
 
     with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
         weights = {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
+    if any("lora_" in name for name in weights):  # train.lora: generate with the adapters folded in
+        from model.lora import merged_weights
+
+        weights = merged_weights(module, weights)
     with torch.device("meta"):
         copy = GPT(module.config)
     copy.load_state_dict(weights, assign=True)

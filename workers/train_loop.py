@@ -158,9 +158,15 @@ def evaluate(engine, batches: list[Batch], rank: int, world_size: int) -> float:
     """Mean validation loss; each rank scores a slice of the same batches, then all-reduce."""
     engine.eval()
     total, count = 0.0, 0.0
-    for batch in batches[rank::world_size]:
-        idx, targets, mask = _to_device(batch, engine.device)
+    mine = batches[rank::world_size]
+    # Every rank runs the same number of forward passes, since ZeRO-3 gathers each layer's weights
+    # collectively: a rank left without a batch (eval_batches < workers) re-scores one at weight 0
+    # instead of skipping the forward its peers are waiting in.
+    for index in range(math.ceil(len(batches) / world_size)):
+        idx, targets, mask = _to_device(mine[index] if index < len(mine) else batches[0], engine.device)
         _, loss = engine(idx, targets, mask)
+        if index >= len(mine):
+            continue
         weight = float(mask.sum()) if mask is not None else float(targets.numel())
         total += float(loss) * weight
         count += weight

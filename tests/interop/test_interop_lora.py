@@ -155,3 +155,24 @@ def test_merged_logits_match_base_plus_adapter_within_1e5(tmp_path, base):
     assert merged_model.lm_head.weight is merged_model.transformer.wte.weight, "still tied"
     torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=0)
     assert (merged - load_pretrained(base)(idx)[0]).abs().max() > 1e-2
+
+
+def test_a_gathered_adapter_state_folds_into_a_plain_gpt(base):
+    """Task eval under ZeRO-3 generates from a plain copy built from the gathered state dict
+    (workers/task_eval._full_model): with train.lora that dict holds base_layer/lora_ keys and no
+    lm_head, and must fold into the same logits as the adapted model."""
+    from model.lora import add_adapter, lora_config, merged_weights
+
+    model = add_adapter(load_pretrained(base), lora_config(4, 8.0, 0.0, ["c_attn", "c_fc"]))
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora_" in name:
+                param.normal_(0.0, 0.1)
+    state = model.state_dict()
+    assert "lm_head.weight" not in state and any("base_layer" in k for k in state)
+    plain = type(load_pretrained(base))(model.config)
+    plain.load_state_dict(merged_weights(model, state))
+    idx = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(plain.eval()(idx)[0], model.eval()(idx)[0], atol=1e-5, rtol=0)

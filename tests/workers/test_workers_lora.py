@@ -44,10 +44,13 @@ def _spec(workdir: Path, name: str) -> dict:
     return {
         "kind": "finetune", "name": name, "init_from": str(workdir / "base"), "data": str(workdir / "data"),
         "storage_path": str(workdir / "runs"),
+        # one eval batch for two ZeRO-3 ranks: the idle rank must still join every forward pass;
+        # task eval generates from the gathered weights with the adapter folded in
+        "eval_set": {"path": str(workdir / "corpus" / "qa_val.jsonl"), "limit": 4, "max_new_tokens": 4},
         "tracking": {"uri": f"sqlite:///{workdir / 'mlflow.db'}", "experiment": "lora", "model_versions": "final",
                      "system_metrics_interval_s": 0},
         "train": {"max_steps": 8, "micro_batch_size": 4, "lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 1,
-                  "eval_every": 8, "eval_batches": 2, "checkpoint_every": 4, "samples_at_eval": 0, "zero_stage": 3,
+                  "eval_every": 8, "eval_batches": 1, "checkpoint_every": 4, "samples_at_eval": 0, "zero_stage": 3,
                   "lora": {"r": 4, "alpha": 8, "target_modules": ["c_attn", "c_fc"]}},
         "cluster": {"num_workers": 2},
     }
@@ -56,6 +59,10 @@ def _spec(workdir: Path, name: str) -> dict:
 def test_lora_finetune_writes_adapter_only_checkpoints(workdir, ray_cluster):
     result = run_training(prepare_job(parse_spec(_spec(workdir, "lora"))))
     RUNS["lora"] = result
+    from mlflow.tracking import MlflowClient
+
+    scored = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}").get_metric_history(result.run_id, "eval/exact_match")
+    assert sorted(m.step for m in scored) == [0, 8]
     ckpt = Path(result.checkpoint)
     assert result.step == 8
     assert not (ckpt / "model.safetensors").exists()
