@@ -10,7 +10,6 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from infra.waiting import wait_until
 from orchestrator.runs import JOB_TAG, KIND_TAG, resolve_tracking_uri
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -137,9 +136,3 @@ def format_progress(progress: Progress) -> str:
         f"ETA       {eta}",
         f"MLflow    {progress.url}",
     ])
-
-
-def wait_for_run(target: str, tracking_uri: str | None = None, timeout_s: float = 60.0) -> Progress:
-    """Poll until a run for `target` exists (a just-submitted job creates it after its checks)."""
-    return wait_until(lambda: run_progress(target, tracking_uri), interval_s=1.0, timeout_s=timeout_s,
-                      done=lambda _: True, retry_on=(RunNotFound,))

@@ -20,7 +20,6 @@ from workers.storage.paths import is_s3, join, split_s3
 from workers.storage.reachability import check_reachable, ensure_bucket
 from workers.storage.reader import ResumableS3Reader, StreamCounters, open_stream
 from workers.storage.reads import download_dir, download_file, exists, list_files, open_read, read_bytes, read_text
-from workers.storage.webdataset import register_webdataset_s3
 from workers.storage.writes import delete, upload_dir, upload_file, write_bytes, write_text
 
 __all__ = [
@@ -46,5 +45,4 @@ __all__ = [
     "StreamCounters",
     "check_reachable",
     "ensure_bucket",
-    "register_webdataset_s3",
 ]
