@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from infra.s3_endpoint import free_port
+from infra.waiting import wait_until
 
 __all__ = ["RayHead", "RayWorkerNode", "start_ray_head", "start_ray_worker", "stop_process_tree", "process_matches"]
 
@@ -259,16 +260,14 @@ def start_ray_head(
 
 def _wait_ready(head: RayHead, timeout: float) -> None:
     """The dashboard answers and the Jobs API lists jobs (its agent is up)."""
-    deadline = time.monotonic() + timeout
-    while True:
+    def ready() -> bool:
         if head.process is not None and head.process.poll() is not None:
             tail = Path(head.log_path).read_text(errors="replace")[-2000:] if head.log_path else ""
             raise RuntimeError(f"ray start exited with code {head.process.returncode}\n{tail}")
-        if _http_ok(f"{head.dashboard_url}/api/version", 2) and _http_ok(f"{head.dashboard_url}/api/jobs/", 5):
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"Ray head at {head.dashboard_url} did not answer within {timeout:.0f} s")
-        time.sleep(0.5)
+        return _http_ok(f"{head.dashboard_url}/api/version", 2) and _http_ok(f"{head.dashboard_url}/api/jobs/", 5)
+
+    wait_until(ready, interval_s=0.5, timeout_s=timeout, give_up=lambda _: TimeoutError(
+        f"Ray head at {head.dashboard_url} did not answer within {timeout:.0f} s"))
 
 
 @dataclass

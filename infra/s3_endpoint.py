@@ -13,11 +13,12 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from infra.waiting import wait_until
 
 __all__ = ["ServiceHandle", "free_port", "patched_environ", "pointed_at", "start_moto_server", "wait_http"]
 
@@ -58,20 +59,21 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def wait_http(url: str, timeout: float, process: subprocess.Popen | None = None) -> None:
     """Poll ``url`` until it answers any HTTP status; fail early if ``process`` exits."""
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def answers() -> bool:
         try:
             urllib.request.urlopen(url, timeout=1).close()
-            return
+            return True
         except urllib.error.HTTPError:
-            return  # an HTTP error status still means the server is up
+            return True  # an HTTP error status still means the server is up
         except OSError:
             pass
         if process is not None and process.poll() is not None:
             raise RuntimeError(f"service for {url} exited with code {process.returncode} before answering")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"service at {url} did not answer within {timeout:.0f} s")
-        time.sleep(0.1)
+        return False
+
+    wait_until(answers, interval_s=0.1, timeout_s=timeout,
+               give_up=lambda _: TimeoutError(f"service at {url} did not answer within {timeout:.0f} s"))
 
 
 def _moto_server_cmd() -> list[str]:

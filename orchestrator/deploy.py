@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 
+from infra.waiting import wait_until
 from orchestrator.controller import JobInputError, require_checkpoint
 from orchestrator.ray_runtime import ensure_ray, fixed_size_shortfall, forwarded_env
 from orchestrator.serve.options import ServeOptions, hash_api_key
@@ -154,16 +155,14 @@ def _serve_port(default: int) -> int:
 
 
 def wait_healthy(url: str, wait_s: float) -> None:
-    deadline = time.monotonic() + wait_s
-    while True:
+    def healthy() -> bool:
         try:
-            if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
-                return
+            return httpx.get(f"{url}/healthz", timeout=5).status_code == 200
         except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{url}/healthz did not answer within {wait_s:.0f} s")
-        time.sleep(0.5)
+            return False
+
+    wait_until(healthy, interval_s=0.5, timeout_s=wait_s,
+               give_up=lambda _: TimeoutError(f"{url}/healthz did not answer within {wait_s:.0f} s"))
 
 
 def auth_headers(api_key: str | None = None) -> dict[str, str]:

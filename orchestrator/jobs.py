@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from infra.waiting import wait_until
 from orchestrator.spec import _ENV_PATTERN, load_spec
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -272,12 +273,8 @@ def stop_job(address: str, job_id: str, wait_s: float = 60.0) -> str:
     job_info(address, job_id)
     client = client_for(address)
     client.stop_job(job_id)
-    deadline = time.monotonic() + wait_s
-    while True:
-        status = str(client.get_job_status(job_id).value)
-        if status in TERMINAL or time.monotonic() > deadline:
-            return status
-        time.sleep(0.5)
+    return wait_until(lambda: str(client.get_job_status(job_id).value), interval_s=0.5, timeout_s=wait_s,
+                      done=lambda status: status in TERMINAL)
 
 
 def list_jobs(address: str, include_all: bool = False) -> list:

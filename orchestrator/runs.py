@@ -40,20 +40,17 @@ def check_tracking_reachable(uri: str, needed_by: str = "tracking.uri", attempts
     attempts give a server that is just starting time to come up."""
     if not uri.startswith(("http://", "https://")):
         return
-    import time
-
     import httpx
 
-    for attempt in range(attempts):
-        try:
-            httpx.get(f"{uri.rstrip('/')}/health", timeout=timeout_s, verify=False)
-            return
-        except httpx.TransportError as error:
-            reason = str(error) or type(error).__name__
-        if attempt + 1 < attempts:
-            time.sleep(2.0)
-    raise TrackingUnreachable(f"{needed_by}: the MLflow server at {uri} does not answer ({reason}); start it, or "
-                              f"point the tracking URI (the spec's, or MLFLOW_TRACKING_URI) at one that runs")
+    from infra.waiting import wait_until
+
+    def unreachable(error: BaseException | None) -> TrackingUnreachable:
+        reason = str(error) or type(error).__name__
+        return TrackingUnreachable(f"{needed_by}: the MLflow server at {uri} does not answer ({reason}); start it, or "
+                                   f"point the tracking URI (the spec's, or MLFLOW_TRACKING_URI) at one that runs")
+
+    wait_until(lambda: httpx.get(f"{uri.rstrip('/')}/health", timeout=timeout_s, verify=False), interval_s=2.0,
+               attempts=attempts, done=lambda _: True, retry_on=(httpx.TransportError,), give_up=unreachable)
 
 
 def flatten_params(data: dict[str, Any], prefix: str = "") -> dict[str, str]:

@@ -7,7 +7,6 @@ per step from the timestamps of the last logged `train/loss` points.
 from __future__ import annotations
 
 import re
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -137,15 +136,3 @@ def format_progress(progress: Progress) -> str:
         f"ETA       {eta}",
         f"MLflow    {progress.url}",
     ])
-
-
-def wait_for_run(target: str, tracking_uri: str | None = None, timeout_s: float = 60.0) -> Progress:
-    """Poll until a run for `target` exists (a just-submitted job creates it after its checks)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            return run_progress(target, tracking_uri)
-        except RunNotFound:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(1.0)

@@ -9,6 +9,8 @@ import logging
 import os
 import time
 
+from infra.waiting import wait_until
+
 log = logging.getLogger(__name__)
 
 
@@ -71,11 +73,11 @@ class RunLogger:
 
     def close(self, retry_s: float = 60.0) -> None:
         """Final flush: keep trying for a while so an outage near the end loses nothing."""
-        deadline = time.monotonic() + retry_s
-        self.flush()
-        while self._pending and time.monotonic() < deadline:
-            time.sleep(2.0)
+        def flushed() -> bool:
             self.flush()
+            return not self._pending
+
+        wait_until(flushed, interval_s=2.0, timeout_s=retry_s)
         if self._pending:
             log.warning("MLflow unreachable: %d metric values were not logged", len(self._pending))
 

@@ -156,7 +156,7 @@ def test_s3_read_resumes_mid_shard_without_duplicates(s3_endpoint, pretrain_data
 
     real = storage.s3_client()
     flaky = _FlakyClient(real, fail_after=5000, times=1)
-    monkeypatch.setattr(storage, "s3_client", lambda: flaky)
+    monkeypatch.setattr(storage.clients, "s3_client", lambda: flaky)
     stats = DataStats()
     with train_batches(uri, names, 8, seed=1, stats=stats) as loader:
         got = [next(loader) for _ in range(20)]
@@ -166,6 +166,6 @@ def test_s3_read_resumes_mid_shard_without_duplicates(s3_endpoint, pretrain_data
 
     # a connection that keeps failing: a clear error with the byte offset, after botocore-sized retries
     always = _FlakyClient(real, fail_after=3000, times=100)
-    monkeypatch.setattr(storage, "s3_client", lambda: always)
+    monkeypatch.setattr(storage.clients, "s3_client", lambda: always)
     with pytest.raises(storage.StorageError, match=rf"{names[0]}: read failed at byte \d+ after 5 re-open"):
         list(shard_chunks(uri, m, [names[0]], None))

@@ -54,17 +54,6 @@ def test_s3_roundtrip(s3_endpoint, tmp_path):
         storage.check_reachable("s3://no-such-bucket/x")
 
 
-def test_webdataset_s3_opener(s3_endpoint):
-    import webdataset as wds
-
-    storage.register_webdataset_s3()
-    storage.register_webdataset_s3()
-    storage.ensure_bucket("s3://storage-test")
-    storage.write_bytes("s3://storage-test/blob", b"payload")
-    with wds.gopen("s3://storage-test/blob") as f:
-        assert f.read() == b"payload"
-
-
 def test_unreachable_endpoint_fails_fast(monkeypatch):
     port = free_port()  # nothing listens there once the probe socket is closed
     url = f"http://127.0.0.1:{port}"
