@@ -16,7 +16,6 @@ from typing import Any, Iterator
 import annotated_types
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
-from pydantic_core import PydanticUndefined
 
 from orchestrator import spec
 
