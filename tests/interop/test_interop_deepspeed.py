@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -27,39 +26,9 @@ from workers.engine import build_engine
 pytest.importorskip("deepspeed")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module", autouse=True)
-def process_group():
-    """RANK/WORLD_SIZE/MASTER_* for one process; the group is created by the first engine.
-
-    DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op (deepspeed_shm_comm,
-    45-70 s on 2 cores whenever the torch_extensions cache is cold or was rebuilt for another
-    venv). With one rank there is nothing to reduce, so the op is skipped: gloo does the
-    (no-op) collectives and the engine, optimizer and checkpoint code are exactly training's.
-    """
-    import importlib
-
-    from orchestrator.ray_runtime import default_extensions_dir
-
-    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")  # `import … as` yields torch itself
-    patch = pytest.MonkeyPatch()
-    patch.setattr(ds_torch_comm, "build_shm_op", lambda: None)
-    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(_free_port()),
-           "TORCH_EXTENSIONS_DIR": default_extensions_dir()}
-    for key, value in env.items():
-        patch.setenv(key, value)  # undone with the patch below
-    yield
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    patch.undo()
+def _process_group(single_rank_deepspeed):
+    """One rank (tests/interop/conftest.py)."""
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ logits agree with base + adapter."""
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -26,32 +25,9 @@ pytest.importorskip("deepspeed")
 LORA = {"r": 4, "alpha": 8.0, "target_modules": ["c_attn", "c_proj", "c_fc"]}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module", autouse=True)
-def process_group():
-    """One rank, gloo; DeepSpeed's shared-memory op skipped (nothing to reduce), as in
-    test_interop_deepspeed.py."""
-    import importlib
-
-    from orchestrator.ray_runtime import default_extensions_dir
-
-    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
-    patch = pytest.MonkeyPatch()
-    patch.setattr(ds_torch_comm, "build_shm_op", lambda: None)
-    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(_free_port()), "TORCH_EXTENSIONS_DIR": default_extensions_dir()}.items():
-        patch.setenv(key, value)
-    yield
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    patch.undo()
+def _process_group(single_rank_deepspeed):
+    """One rank (tests/interop/conftest.py)."""
 
 
 @pytest.fixture(scope="module")
