@@ -90,16 +90,17 @@ def _submit(cluster, spec: dict, write_spec, job_id_from) -> tuple[int, str, str
     return code, text, job_id_from(text)
 
 
-def _check_placement(cluster, job_id: str, seen_before: int) -> int:
-    """The job's two workers ran one per worker node, neither on the driver's node (the head)."""
+def _check_placement(cluster, job_id: str) -> None:
+    """The job's two workers ran one per worker node, neither on the driver's node (the head).
+
+    Its workers are told apart from earlier jobs' by Ray job id (the state API's order of
+    actors is not their start order)."""
     head, nodes = cluster["head"], cluster["nodes"]
-    actors = _train_worker_nodes(head)
-    new = sorted(actors, key=lambda a: a.get("start_time") or 0)[seen_before:]
-    assert len(new) == 2, new
-    driver_node = jobs.job_info(head.dashboard_url, job_id).driver_node_id
-    assert driver_node and driver_node not in {node.node_id for node in nodes}
-    assert {a["node_id"] for a in new} == {node.node_id for node in nodes}, (new, nodes)
-    return len(actors)
+    info = jobs.job_info(head.dashboard_url, job_id)
+    mine = [actor for actor in _train_worker_nodes(head) if actor.get("job_id") == info.job_id]
+    assert len(mine) == 2, mine
+    assert info.driver_node_id and info.driver_node_id not in {node.node_id for node in nodes}
+    assert {a["node_id"] for a in mine} == {node.node_id for node in nodes}, (mine, nodes)
 
 
 def test_local_paths_are_refused_on_a_multi_node_cluster(tmp_path):
@@ -126,31 +127,41 @@ def test_zero2_trains_across_nodes_through_s3_and_mlflow_and_resumes(
     assert code == 2 and "storage_path" in text and "use s3://" in text, text[-3000:]
 
     # ZeRO-2 on both worker nodes, then a re-submit with more steps resumes from S3
-    seen = len(_train_worker_nodes(cluster["head"]))
     spec = _spec("mn-zero2", s3_data, runs, mlflow_server, 2, 2)
     code, text, job_id = _submit(cluster, spec, write_spec, job_id_from)
     assert code == 0, text[-4000:]
-    seen = _check_placement(cluster, job_id, seen)
+    _check_placement(cluster, job_id)
     assert any(uri.endswith("model.safetensors") for uri in storage.list_files(f"{runs}/mn-zero2"))
     code, text, job_id = _submit(cluster, {**spec, "train": {**spec["train"], "max_steps": 4}}, write_spec,
                                  job_id_from)
     assert code == 0, text[-4000:]
     assert "[gptctl] resumed mn-zero2 from step 2" in text and "finished at step 4" in text, text[-3000:]
-    _check_placement(cluster, job_id, seen)
+    _check_placement(cluster, job_id)
+    zero2_job = job_id
+
+    # ZeRO-3 (each rank holds a slice of every weight) the same way
+    zero3 = _spec("mn-zero3", s3_data, runs, mlflow_server, 3, 2)
+    code, text, job_id = _submit(cluster, zero3, write_spec, job_id_from)
+    assert code == 0, text[-4000:]
+    code, text, job_id = _submit(cluster, {**zero3, "train": {**zero3["train"], "max_steps": 3}}, write_spec,
+                                 job_id_from)
+    assert code == 0, text[-4000:]
+    assert "[gptctl] resumed mn-zero3 from step 2" in text and "finished at step 3" in text, text[-3000:]
+    _check_placement(cluster, job_id)
 
     # the Jobs API view of the same job: where each worker ran, and both workers' logs
     url = cluster["head"].dashboard_url
-    code, out, _ = gptctl("status", job_id, "--address", url)
+    code, out, _ = gptctl("status", zero2_job, "--address", url)
     assert code == 0 and "workers   2 on 2 nodes" in out, out
     assert all(node.node_id[:8] in out for node in cluster["nodes"]), out
-    pids = [worker["pid"] for worker in jobs.train_workers(url, jobs.job_info(url, job_id))]
-    code, out, _ = gptctl("logs", job_id, "--follow", "--address", url)
+    pids = [worker["pid"] for worker in jobs.train_workers(url, jobs.job_info(url, zero2_job))]
+    code, out, _ = gptctl("logs", zero2_job, "--follow", "--address", url)
     assert code == 0 and all(f"RayTrainWorker pid={pid})" in out for pid in pids), out[-3000:]
 
     client = mlflow.MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name("multinode")
     finished = client.search_runs([experiment.experiment_id], "attributes.status = 'FINISHED'")
     by_name = {run.info.run_name: run for run in finished}  # a resumed job continues its own run
-    assert set(by_name) == {"mn-zero2"}, finished
+    assert set(by_name) == {"mn-zero2", "mn-zero3"}, finished
     history = client.get_metric_history(by_name["mn-zero2"].info.run_id, "train/loss")
     assert max(point.step for point in history) == 4, history
