@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import sys
 import tempfile
@@ -159,6 +160,7 @@ def main() -> None:
               f"(target ≤ 30 s)")
     finally:
         cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
     print(json.dumps({"bench": "multinode_scaling", "tokens_per_s_1": round(one), "tokens_per_s_2": round(two),
                       "scaling_2x": round(two / one, 3), "allreduce_ms": round(allreduce_ms, 2),
                       "allreduce_share": round(share, 3), "node_loss_resume_s": round(resume_s, 1),
