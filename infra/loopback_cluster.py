@@ -4,7 +4,10 @@ job's steps were logged. Used by tests/ops/test_ops_node_loss.py and bench/multi
 
 Node death is noticed by the GCS's health checks of each raylet: Ray's defaults (a check every
 3 s, dead after 5 misses) leave ~15 s between a machine vanishing and Ray Train restarting;
-`FAST_NODE_DEATH_ENV` shortens that to ~3 s on the head, as a test cluster can afford.
+`FAST_NODE_DEATH_ENV` shortens that to ~3 s on the head, as a test cluster can afford. It also
+halves Ray Train's worker-group start timeout (read by the Train controller, which runs on the
+driver's node, the head): right after a node dies, the elastic policy can still count the dead
+node's resources, ask for a group it cannot place, and retry smaller only after that timeout.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from pathlib import Path
 from infra.ray_head import RayHead, RayWorkerNode, start_ray_head, start_ray_worker
 
 FAST_NODE_DEATH_ENV = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3",
-                       "RAY_health_check_timeout_ms": "1000"}
+                       "RAY_health_check_timeout_ms": "1000", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "30"}
 
 
 @dataclass
