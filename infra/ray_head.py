@@ -301,6 +301,31 @@ class RayWorkerNode:
     def alive(self) -> bool:
         return process_matches(self.pid, self.create_time)
 
+    def kill(self) -> list[int]:
+        """Lose the node abruptly, as when its machine dies: SIGKILL its `ray start`, raylet, agents
+        and workers at once (by PID: its process tree and its own session), with no drain and no
+        goodbye to the GCS. Returns the PIDs signalled. For fault tests and benches."""
+        import psutil
+
+        atexit.unregister(self.stop)
+        if not self.alive():
+            return []
+        root = psutil.Process(self.pid)
+        try:
+            tree = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            tree = [root]
+        tree.extend(_session_members(self.pid, exclude={p.pid for p in tree}))
+        for process in tree:
+            _signal(process, signal.SIGKILL)
+        psutil.wait_procs(tree, timeout=5)
+        if self.process is not None:
+            try:
+                self.process.wait(timeout=1)
+            except subprocess.TimeoutExpired:
+                pass
+        return [p.pid for p in tree]
+
     def stop(self, timeout: float = 30.0) -> list[int]:
         atexit.unregister(self.stop)
         ended = stop_process_tree(self.pid, self.create_time, timeout=timeout, session=True)

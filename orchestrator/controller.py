@@ -230,7 +230,7 @@ def run_training(prepared: PreparedJob, address: str | None = None, on_run=print
     problem = multi_node_problem(spec, job.tracking_uri, alive_node_count())
     if problem:  # before the run is opened: nothing was started
         raise JobInputError(f"job {spec.name}: {problem}")
-    workers = spec.cluster.num_workers
+    workers = spec.cluster.elastic.min_workers if spec.cluster.elastic else spec.cluster.num_workers
     shortfall = fixed_size_shortfall(
         cpus=(workers * spec.cluster.cpus_per_worker,
               f"cluster.num_workers × cluster.cpus_per_worker ({workers} × {spec.cluster.cpus_per_worker:g})"),

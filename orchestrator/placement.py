@@ -16,8 +16,10 @@ def scaling_config(cluster: ClusterSpec):
     """Ray Train's ScalingConfig for the spec's `cluster:` section."""
     from ray.train import ScalingConfig
 
+    # elastic: Ray Train asks for num_workers and (re)starts the group on as many as it can get, ≥ min
+    workers = (cluster.elastic.min_workers, cluster.num_workers) if cluster.elastic else cluster.num_workers
     return ScalingConfig(
-        num_workers=cluster.num_workers, use_gpu=cluster.use_gpu,
+        num_workers=workers, use_gpu=cluster.use_gpu,
         resources_per_worker={"CPU": cluster.cpus_per_worker, **cluster.resources_per_worker},
         placement_strategy=cluster.placement.upper(),  # Ray's names: PACK, SPREAD
     )

@@ -33,6 +33,12 @@ class ModelSpec(StrictModel):
         return {k: v for k, v in self.model_dump(exclude={"preset"}).items() if v is not None}
 
 
+class ElasticSpec(StrictModel):
+    min_workers: int = Field(ge=1, description="the fewest workers the job trains on: after a node is lost with no "
+                             "spare, the worker group restarts from the last checkpoint on as many workers as the "
+                             "cluster still holds, down to this (Ray Train's elastic scaling; `num_workers` is the most)")
+
+
 class ClusterSpec(StrictModel):
     num_workers: int = Field(default=2, ge=1, description="Ray Train workers (training processes)")
     use_gpu: bool = Field(default=False, description="one GPU per worker; without it workers train on CPU")
@@ -49,6 +55,18 @@ class ClusterSpec(StrictModel):
     shared_storage: bool = Field(
         default=False, description="declare that a local `storage_path` / `data` path is on a disk every node "
         "of the cluster mounts at the same path; without it a multi-node cluster refuses local paths (use s3://)")
+
+    elastic: ElasticSpec | None = Field(
+        default=None, description="train on fewer workers instead of waiting when nodes are lost, e.g. "
+        "`{min_workers: 1}`; each step's batch shrinks with the workers (the sample order is kept). Needs "
+        "max_failures ≥ 1 to restart at all")
+
+    @model_validator(mode="after")
+    def _elastic_range(self) -> "ClusterSpec":
+        if self.elastic and self.elastic.min_workers > self.num_workers:
+            raise ValueError(f"elastic.min_workers ({self.elastic.min_workers}) must be ≤ num_workers "
+                             f"({self.num_workers})")
+        return self
 
     @field_validator("resources_per_worker")
     @classmethod
