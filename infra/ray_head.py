@@ -42,11 +42,37 @@ DASHBOARD_PORT, GCS_PORT, CLIENT_PORT, SERVE_PORT = 8265, 6379, 10001, 8000  # R
 
 
 @dataclass
-class RayHead:
-    """A running head: its `ray start --block` PID, GCS address and dashboard (Jobs API) URL."""
+class _RayStartProcess:
+    """A `ray start --block` process gptctl started (a head or a worker node): stopped by PID with
+    every process it started, never by `ray stop`."""
 
     pid: int
     create_time: float
+
+    def alive(self) -> bool:
+        return process_matches(self.pid, self.create_time)
+
+    def stop(self, timeout: float = 30.0) -> list[int]:
+        """Stop the node and every process it started; returns the PIDs that were ended."""
+        atexit.unregister(self.stop)
+        ended = stop_process_tree(self.pid, self.create_time, timeout=timeout, session=True)
+        self._reap()
+        return ended
+
+    def _reap(self) -> None:
+        """Collect our own child's exit status, if we started it in this process."""
+        process = getattr(self, "process", None)
+        if process is not None:
+            try:
+                process.wait(timeout=1)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+@dataclass
+class RayHead(_RayStartProcess):
+    """A running head: its `ray start --block` PID, GCS address and dashboard (Jobs API) URL."""
+
     gcs_address: str
     dashboard_url: str
     client_address: str
@@ -61,22 +87,8 @@ class RayHead:
     def from_dict(cls, data: dict) -> "RayHead":
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__ and k != "process"})
 
-    def alive(self) -> bool:
-        return process_matches(self.pid, self.create_time)
-
     def healthy(self, timeout: float = 2.0) -> bool:
         return self.alive() and _http_ok(f"{self.dashboard_url}/api/version", timeout)
-
-    def stop(self, timeout: float = 30.0) -> list[int]:
-        """Stop the head and every process it started; returns the PIDs that were ended."""
-        atexit.unregister(self.stop)
-        ended = stop_process_tree(self.pid, self.create_time, timeout=timeout, session=True)
-        if self.process is not None:
-            try:
-                self.process.wait(timeout=1)
-            except subprocess.TimeoutExpired:
-                pass
-        return ended
 
     def __enter__(self) -> "RayHead":
         return self
@@ -271,7 +283,7 @@ def _wait_ready(head: RayHead, timeout: float) -> None:
 
 
 @dataclass
-class RayWorkerNode:
+class RayWorkerNode(_RayStartProcess):
     """A worker node (`ray start --address HEAD --block`) joined to a head; stopped like the head."""
 
     pid: int
@@ -284,22 +296,21 @@ class RayWorkerNode:
 
     def wait_joined(self, head: RayHead, timeout: float = 120.0) -> None:
         """Until the head lists this node alive; stops the node and raises if it does not."""
-        deadline = time.monotonic() + timeout
+        def joined() -> bool:
+            if self.node_id and self.node_id in _alive_node_ids(head):
+                return True
+            self.node_id = self.node_id or _own_node_id(self.temp_dir)
+            if self.process is not None and self.process.poll() is not None:
+                tail = Path(self.log_path).read_text(errors="replace")[-2000:] if self.log_path else ""
+                raise RuntimeError(f"ray start --address exited with code {self.process.returncode}\n{tail}")
+            return False
+
         try:
-            while not (self.node_id and self.node_id in _alive_node_ids(head)):
-                self.node_id = self.node_id or _own_node_id(self.temp_dir)
-                if self.process is not None and self.process.poll() is not None:
-                    tail = Path(self.log_path).read_text(errors="replace")[-2000:] if self.log_path else ""
-                    raise RuntimeError(f"ray start --address exited with code {self.process.returncode}\n{tail}")
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"the worker node did not join {head.gcs_address} within {timeout:.0f} s")
-                time.sleep(0.5)
+            wait_until(joined, interval_s=0.5, timeout_s=timeout, give_up=lambda _: TimeoutError(
+                f"the worker node did not join {head.gcs_address} within {timeout:.0f} s"))
         except BaseException:
             self.stop()
             raise
-
-    def alive(self) -> bool:
-        return process_matches(self.pid, self.create_time)
 
     def kill(self) -> list[int]:
         """Lose the node abruptly, as when its machine dies: SIGKILL its `ray start`, raylet, agents
@@ -319,22 +330,8 @@ class RayWorkerNode:
         for process in tree:
             _signal(process, signal.SIGKILL)
         psutil.wait_procs(tree, timeout=5)
-        if self.process is not None:
-            try:
-                self.process.wait(timeout=1)
-            except subprocess.TimeoutExpired:
-                pass
+        self._reap()
         return [p.pid for p in tree]
-
-    def stop(self, timeout: float = 30.0) -> list[int]:
-        atexit.unregister(self.stop)
-        ended = stop_process_tree(self.pid, self.create_time, timeout=timeout, session=True)
-        if self.process is not None:
-            try:
-                self.process.wait(timeout=1)
-            except subprocess.TimeoutExpired:
-                pass
-        return ended
 
 
 def start_ray_worker(

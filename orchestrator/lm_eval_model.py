@@ -18,7 +18,6 @@ Importing this module registers the model name "gptctl" with lm-eval (lm-eval is
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 import lm_eval.models  # noqa: F401  lm-eval fills its model registry on first use only while it is empty:
@@ -37,25 +36,19 @@ TokenRequest = tuple[object, list[int], list[int]]  # (cache key, context ids, c
 
 
 def local_checkpoint(target: str, tracking_uri: str | None = None) -> str:
-    """A local directory holding the serving files of a checkpoint dir, s3:// URI or models:/ URI."""
+    """A local directory holding the serving files of a checkpoint dir, s3:// URI or models:/ URI
+    (a LoRA checkpoint: its merged model, as serving has it)."""
+    from orchestrator.lora import local_serving_dir
     from orchestrator.registry import is_registry_uri, resolve_model_uri
     from workers import storage
-    from workers.checkpointing import SERVING_FILES
 
     if is_registry_uri(target):
         from orchestrator.runs import resolve_tracking_uri
 
         return resolve_model_uri(target, resolve_tracking_uri(tracking_uri))
-    if not storage.is_s3(target):
-        if not Path(target, "config.json").is_file():
-            raise FileNotFoundError(f"{target}: not a gptctl checkpoint directory (no config.json)")
-        return target
-    local = tempfile.mkdtemp(prefix="gptctl-eval-")
-    for name in SERVING_FILES:
-        uri = storage.join(target, name)
-        if storage.exists(uri):
-            storage.download_file(uri, str(Path(local, name)))
-    return local
+    if not storage.is_s3(target) and not Path(target, "config.json").is_file():
+        raise FileNotFoundError(f"{target}: not a gptctl checkpoint directory (no config.json)")
+    return local_serving_dir(target)
 
 
 def checkpoint_run_id(directory: str) -> str | None:

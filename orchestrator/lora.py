@@ -70,3 +70,22 @@ def merge_lora_checkpoint(uri: str, out_dir: str | Path, base: str | None = None
         if (adapter_dir / TRAINER_STATE).is_file():
             shutil.copyfile(adapter_dir / TRAINER_STATE, out_dir / TRAINER_STATE)
     return out_dir
+
+
+def local_serving_dir(checkpoint: str) -> str:
+    """A local directory with the serving files of a checkpoint dir or s3:// prefix: the directory
+    itself when local and full, a download when remote, the merged model for a LoRA checkpoint (so
+    serving and evaluation run what a full fine-tune would have written)."""
+    from workers.checkpointing import SERVING_FILES
+
+    if is_lora_checkpoint(checkpoint):
+        return str(merge_lora_checkpoint(checkpoint, tempfile.mkdtemp(prefix="gptctl-merged-")))
+    if not storage.is_s3(checkpoint):
+        return checkpoint
+    local = tempfile.mkdtemp(prefix="gptctl-checkpoint-")
+    for name in SERVING_FILES:
+        uri = storage.join(checkpoint, name)
+        if storage.exists(uri):
+            storage.download_file(uri, str(Path(local, name)))
+    return local
+

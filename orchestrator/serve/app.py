@@ -15,7 +15,6 @@ share each decode forward pass, each with its own KV cache, sampling parameters 
 import asyncio
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -96,23 +95,11 @@ class GenerateResponse(BaseModel):
 
 
 def _local_checkpoint(checkpoint: str) -> str:
-    """Serving reads only the safetensors/config/tokenizer files; fetch them if remote. A LoRA
-    checkpoint is merged into its base here, once per replica: decoding then costs what a full
-    fine-tune's does."""
-    from orchestrator.lora import is_lora_checkpoint, merge_lora_checkpoint
-    from workers import storage
-    from workers.checkpointing import SERVING_FILES
+    """Serving reads only the safetensors/config/tokenizer files; a LoRA checkpoint is merged into
+    its base here, once per replica: decoding then costs what a full fine-tune's does."""
+    from orchestrator.lora import local_serving_dir
 
-    if is_lora_checkpoint(checkpoint):
-        return str(merge_lora_checkpoint(checkpoint, tempfile.mkdtemp(prefix="gptctl-serve-lora-")))
-    if not storage.is_s3(checkpoint):
-        return checkpoint
-    local = tempfile.mkdtemp(prefix="gptctl-serve-")
-    for name in SERVING_FILES:
-        uri = storage.join(checkpoint, name)
-        if storage.exists(uri):
-            storage.download_file(uri, str(Path(local, name)))
-    return local
+    return local_serving_dir(checkpoint)
 
 
 class _Choice:
