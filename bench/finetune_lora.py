@@ -8,11 +8,12 @@ tokens/s is the median optimizer step after --warmup steps. Checkpoint bytes: th
 checkpoint directory (DeepSpeed resume state included). em_full / em_lora: exact match of greedy
 answers to the held-out QA pairs (workers/task_eval.py), from the final weights (LoRA: merged).
 
-The defaults are the demo's task and sizes (orchestrator/demo.py: 60 people, a 4x128 GPT pre-trained
-500 steps, fine-tuned 60), in one process with the demo's global batch. LoRA gets its own learning
+The defaults are the demo's task and recipe (orchestrator/demo.py: 60 people, pre-trained 500 steps,
+fine-tuned 60, the demo's global batch) on a 4x256 GPT: at the demo's 4x128 the checkpoint's fixed
+files (tokenizer, config, state) weigh as much as the adapter. LoRA gets its own learning
 rate (--lora-lr, 10x the full fine-tune's), as adapters starting at zero usually need.
 
-    python bench/finetune_lora.py [--steps 60] [--n-layer 4] [--n-embd 128]
+    python bench/finetune_lora.py [--steps 60] [--n-layer 4] [--n-embd 256]
 """
 from __future__ import annotations
 
@@ -119,7 +120,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--n-layer", type=int, default=4)
     parser.add_argument("--n-head", type=int, default=4)
-    parser.add_argument("--n-embd", type=int, default=128)
+    parser.add_argument("--n-embd", type=int, default=256)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=3e-4, help="full fine-tune learning rate")
     parser.add_argument("--lora-lr", type=float, default=3e-3)
