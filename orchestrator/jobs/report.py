@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from orchestrator.runs import JOB_TAG, resolve_tracking_uri
-from orchestrator.status import find_run
+from orchestrator.jobs.status import find_run
 
 
 def _series(client, run_id: str, key: str) -> tuple[list[int], list[float]]:

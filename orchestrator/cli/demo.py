@@ -8,10 +8,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from orchestrator.controller import prepare_job, run_training
+from orchestrator.jobs.controller import prepare_job, run_training
 from orchestrator.data.corpus import write_demo_corpus
 from orchestrator.data.prepare import prepare_dataset
-from orchestrator.deploy import deploy, query
+from orchestrator.serve.deploy import deploy, query
 from orchestrator.runs import resolve_tracking_uri
 from orchestrator.spec import parse_spec
 
