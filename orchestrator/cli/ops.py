@@ -32,9 +32,9 @@ def _guard(handler):
 
     @functools.wraps(handler)
     def run(args: argparse.Namespace) -> int:
+        from orchestrator.jobs.status import RunNotFound
         from orchestrator.jobs.submit import JobsError
         from orchestrator.stack import StackError
-        from orchestrator.jobs.status import RunNotFound
 
         try:
             return handler(args)
@@ -96,8 +96,8 @@ def _looks_like_job_id(target: str) -> bool:
 
 
 def _status_of_spec(args: argparse.Namespace) -> int:
-    from orchestrator.spec import DeploySpec, PipelineSpec, load_spec
     from orchestrator.jobs.status import format_progress, run_progress
+    from orchestrator.spec import DeploySpec, PipelineSpec, load_spec
 
     spec = load_spec(args.target)
     if isinstance(spec, PipelineSpec):

@@ -13,9 +13,9 @@ from typing import Iterator
 
 from model import GPTConfig, GPTTokenizer, config_from_preset
 from orchestrator.ray_runtime import checkpoint_uri, ensure_ray, fixed_size_shortfall, forwarded_env, train_storage
+from orchestrator.registry.checkpoints import require_checkpoint
 from orchestrator.registry.models import CHECKPOINT_TAG, register_and_move_aliases
 from orchestrator.runs import JobRun, check_tracking_reachable, resolve_tracking_uri
-from orchestrator.registry.checkpoints import require_checkpoint
 from orchestrator.spec import FinetuneSpec, JobInputError, PretrainSpec
 from workers import storage
 from workers.checkpointing import ADAPTER_FILES

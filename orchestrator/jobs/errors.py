@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import httpx
 
-from orchestrator.jobs.controller import JobFailed, JobInputError
 from orchestrator.data.prepare import DataError
+from orchestrator.jobs.controller import JobFailed, JobInputError
 from orchestrator.registry.export import ConsolidationError, HFFormatError
 from orchestrator.registry.models import RegistryError
 from orchestrator.runs import TrackingUnreachable

@@ -13,9 +13,9 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from orchestrator.jobs.controller import prepare_job, run_training
 from orchestrator.data.corpus import write_demo_corpus
 from orchestrator.data.prepare import prepare_dataset
+from orchestrator.jobs.controller import prepare_job, run_training
 from orchestrator.serve.deploy import deploy, query
 from orchestrator.spec import parse_spec
 from workers import storage

@@ -19,8 +19,8 @@ import pytest
 
 from infra.ray_head import start_ray_head, start_ray_worker
 from orchestrator.jobs import submit as jobs
-from orchestrator.jobs.submit import submit_command
 from orchestrator.jobs.placement import multi_node_problem
+from orchestrator.jobs.submit import submit_command
 from orchestrator.spec import parse_spec
 from workers import storage
 

@@ -16,9 +16,9 @@ from safetensors.torch import load_file
 
 from model import GPT, GPTConfig, GPTTokenizer, load_pretrained, save_pretrained
 from model.lora import load_with_adapter
-from orchestrator.jobs.controller import prepare_job, run_training
 from orchestrator.data.corpus import write_demo_corpus
 from orchestrator.data.prepare import prepare_dataset
+from orchestrator.jobs.controller import prepare_job, run_training
 from orchestrator.spec import parse_spec
 
 pytestmark = pytest.mark.integration

@@ -12,9 +12,9 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from orchestrator.jobs.controller import prepare_job, run_training
 from orchestrator.data.corpus import write_demo_corpus
 from orchestrator.data.prepare import prepare_dataset
+from orchestrator.jobs.controller import prepare_job, run_training
 from orchestrator.spec import parse_spec
 
 pytestmark = pytest.mark.integration
