@@ -233,7 +233,7 @@ class DeploySpec(StrictModel):
     port: int = Field(default=8000, ge=1, le=65535, description="HTTP port")
     num_replicas: int = Field(default=1, ge=1, description="replicas without autoscaling")
     cpus_per_replica: float = Field(default=1.0, ge=0, description="CPUs Ray reserves for each replica")
-    # serving options (issue 5); all optional, checked together in orchestrator/serve/deploy.py
+    # serving options (issue 5); all optional, checked together in orchestrator/serve/deployment.py
     route_prefix: str = Field(default="/", pattern=r"^/([A-Za-z0-9._~-]+(/[A-Za-z0-9._~-]+)*)?$",
                               description="URL prefix of this app; apps sharing one Serve need distinct ones")
     gpus_per_replica: float = Field(default=0.0, ge=0, description="GPUs Ray reserves for each replica")
