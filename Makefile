@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.gptctl-installed
 
 # DeepSpeed's JIT-built op is cached per venv under ~/.cache/gptctl/torch_extensions/
-# (orchestrator/ray_runtime.py); set TORCH_EXTENSIONS_DIR to override.
+# (infra/ray_env.py); set TORCH_EXTENSIONS_DIR to override.
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export RAY_USAGE_STATS_ENABLED ?= 0
 

@@ -8,7 +8,7 @@ tokens/s is the median optimizer step after --warmup steps. Checkpoint bytes: th
 checkpoint directory (DeepSpeed resume state included). em_full / em_lora: exact match of greedy
 answers to the held-out QA pairs (workers/task_eval.py), from the final weights (LoRA: merged).
 
-The defaults are the demo's task and recipe (orchestrator/demo.py: 60 people, pre-trained 500 steps,
+The defaults are the demo's task and recipe (orchestrator/cli/demo.py: 60 people, pre-trained 500 steps,
 fine-tuned 60, the demo's global batch) on a 4x256 GPT: at the demo's 4x128 the checkpoint's fixed
 files (tokenizer, config, state) weigh as much as the adapter. LoRA gets its own learning
 rate (--lora-lr, 10x the full fine-tune's), as adapters starting at zero usually need.

@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 from model import (GPT, GPTConfig, GPTTokenizer, SamplingParams, generate, load_pretrained, save_pretrained,
                    use_decode_layout)  # noqa: E402
-from orchestrator.export import export_hf  # noqa: E402
+from orchestrator.registry.export import export_hf  # noqa: E402
 
 
 def _args() -> argparse.Namespace:

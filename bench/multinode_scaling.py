@@ -63,7 +63,7 @@ def _spec(root: Path, name: str, workers: int, steps: int, zero_stage: int, args
 
 
 def _submit(cluster, root: Path, spec: dict) -> str:
-    from orchestrator.jobs import submit_job
+    from orchestrator.jobs.submit import submit_job
 
     path = root / f"{spec['name']}.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -82,7 +82,7 @@ def _run_id(root: Path, name: str) -> str | None:
 
 
 def _finish(cluster, job_id: str, timeout: float = 600) -> str:
-    from orchestrator.jobs import client_for
+    from orchestrator.jobs.submit import client_for
 
     client = client_for(cluster.head.dashboard_url)
     status = wait_for(lambda: (s := str(client.get_job_status(job_id).value)) in ("SUCCEEDED", "FAILED", "STOPPED")

@@ -175,8 +175,8 @@ def bench_http(checkpoint: Path, levels: list[int], max_tokens: int, quick: bool
     from ray import serve
 
     from infra.s3_endpoint import free_port
-    from orchestrator.deploy import deploy
     from orchestrator.ray_runtime import ensure_ray
+    from orchestrator.serve.deploy import deploy
     from orchestrator.spec import parse_spec
 
     temp_dir = tempfile.mkdtemp(prefix="gptbench-", dir="/tmp")

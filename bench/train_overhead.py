@@ -73,9 +73,9 @@ def main() -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     torch.set_num_threads(args.threads)
 
-    from orchestrator.controller import prepare_job, run_training
     from orchestrator.data.corpus import write_demo_corpus
     from orchestrator.data.prepare import prepare_dataset
+    from orchestrator.jobs.controller import prepare_job, run_training
     from orchestrator.spec import parse_spec
     from workers.data import train_batches_global
     from workers.engine import ensure_single_process_env

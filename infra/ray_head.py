@@ -33,6 +33,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from infra.ray_env import FIXED_SIZE_ENV, default_extensions_dir
 from infra.s3_endpoint import free_port
 from infra.waiting import wait_until
 
@@ -183,15 +184,6 @@ def _session_members(sid: int, exclude: set[int]) -> list:
     return members
 
 
-def _extensions_dir() -> str:
-    try:
-        from orchestrator.ray_runtime import default_extensions_dir
-
-        return default_extensions_dir()  # one cache per venv, as the controller uses
-    except ImportError:
-        return str(Path.home() / ".cache" / "gptctl" / "torch_extensions")
-
-
 def start_ray_head(
     temp_dir: str | Path | None = None,
     num_cpus: int = 4,
@@ -237,12 +229,10 @@ def start_ray_head(
     # a local head has nobody to hand work over to
     child_env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
     # DeepSpeed JIT-compiles an op on first use (~45-90 s): the workers use gptctl's cache
-    child_env.setdefault("TORCH_EXTENSIONS_DIR", _extensions_dir())
+    child_env.setdefault("TORCH_EXTENSIONS_DIR", default_extensions_dir())  # one per venv, as the controller
     child_env.pop("RAY_ADDRESS", None)
     # one node and no autoscaler: a job asking for more than it has is refused, not left waiting
     # (orchestrator.ray_runtime.fixed_size_shortfall; Ray passes the head's env to job drivers)
-    from orchestrator.ray_runtime import FIXED_SIZE_ENV
-
     child_env[FIXED_SIZE_ENV] = "1"
     child_env.update(env or {})
     log = open(log_path, "ab") if log_path else subprocess.DEVNULL
@@ -368,7 +358,7 @@ def start_ray_worker(
     child_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{child_env.get('PATH', '')}"
     child_env.update({"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"})
     child_env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
-    child_env.setdefault("TORCH_EXTENSIONS_DIR", _extensions_dir())
+    child_env.setdefault("TORCH_EXTENSIONS_DIR", default_extensions_dir())  # one per venv, as the controller
     child_env.pop("RAY_ADDRESS", None)
     log = open(log_path, "ab") if log_path else subprocess.DEVNULL
     try:

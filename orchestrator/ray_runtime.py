@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 from urllib.parse import urlparse
 
+from infra.ray_env import FIXED_SIZE_ENV, default_extensions_dir
 from workers import storage
 
 # environment the workers need to reach S3 and MLflow; forwarded explicitly because a
@@ -17,27 +18,11 @@ FORWARDED_ENV = (
 )
 
 
-def default_extensions_dir() -> str:
-    """DeepSpeed JIT-compiles an op on first use (~45 s); keep the result between runs.
-
-    One cache per Python environment: the build records the venv's include paths, so two
-    venvs sharing a cache would keep rebuilding each other's op."""
-    import hashlib
-    import sys
-
-    env_key = hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]
-    return os.environ.setdefault(
-        "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "gptctl" / "torch_extensions" / env_key)
-    )
-
-
 def forwarded_env() -> dict[str, str]:
     return {key: os.environ[key] for key in FORWARDED_ENV if os.environ.get(key)}
 
 
 _embedded = False  # whether ensure_ray started this process's Ray itself (one node that never grows)
-# set in a cluster's environment to say it never grows (gptctl's local stack sets it on its head)
-FIXED_SIZE_ENV = "GPTCTL_RAY_FIXED_SIZE"
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None, temp_dir: str | None = None) -> None:

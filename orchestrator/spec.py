@@ -20,6 +20,10 @@ class SpecError(ValueError):
     """A job spec that cannot run; the message names the file and field."""
 
 
+class JobInputError(ValueError):
+    """Input that makes the job impossible; raised before anything is submitted."""
+
+
 class ModelSpec(StrictModel):
     """Which GPT to build. `preset` picks the sizes; the other fields override it."""
 
@@ -229,7 +233,7 @@ class DeploySpec(StrictModel):
     port: int = Field(default=8000, ge=1, le=65535, description="HTTP port")
     num_replicas: int = Field(default=1, ge=1, description="replicas without autoscaling")
     cpus_per_replica: float = Field(default=1.0, ge=0, description="CPUs Ray reserves for each replica")
-    # serving options (issue 5); all optional, checked together in orchestrator/deploy.py
+    # serving options (issue 5); all optional, checked together in orchestrator/serve/deployment.py
     route_prefix: str = Field(default="/", pattern=r"^/([A-Za-z0-9._~-]+(/[A-Za-z0-9._~-]+)*)?$",
                               description="URL prefix of this app; apps sharing one Serve need distinct ones")
     gpus_per_replica: float = Field(default=0.0, ge=0, description="GPUs Ray reserves for each replica")
@@ -255,7 +259,7 @@ class DeploySpec(StrictModel):
 # consume an earlier stage's output through `${stages.<id>.<output>}` (a stage's id defaults to
 # its kind). A finetune stage without `init_from`, or a deploy stage without `checkpoint`, takes
 # the final checkpoint of the nearest earlier training stage. State lives in
-# `<storage_path>/<name>/pipeline_state.json` (see orchestrator/pipeline.py).
+# `<storage_path>/<name>/pipeline_state.json` (see orchestrator/jobs/pipeline.py).
 
 _STAGE_ID = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 TRAINING_OUTPUTS = ("checkpoint", "best_checkpoint", "run_id", "model_name", "model_version", "model_uri", "step")

@@ -148,7 +148,7 @@ def evaluate_on_ranks(module: GPT, tokenizer: GPTTokenizer, eval_set: dict, rank
     all of them in the set's order, the other ranks None. Every rank must call it (collectives).
 
     ``eval_set``: ``{"rows": [{"prompt", "response"}], "prompt_template": str, "max_new_tokens": int}``
-    as the controller builds it (orchestrator/controller.py)."""
+    as the controller builds it (orchestrator/jobs/controller.py)."""
     import torch.distributed as dist
 
     rows = eval_set["rows"]

@@ -13,6 +13,7 @@ share each decode forward pass, each with its own KV cache, sampling parameters 
 # no `from __future__ import annotations`: FastAPI must see the request model classes, not strings
 
 import asyncio
+import inspect
 import json
 import os
 import time
@@ -25,7 +26,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
+from orchestrator.ray_runtime import forwarded_env
 from orchestrator.serve import guard
+from orchestrator.serve.deployment import deployment_options, resolve_api_key, serve_options
 from orchestrator.serve.guard import BodyTooLarge, GuardMiddleware
 from orchestrator.serve.options import MAX_SEED, ServeOptions
 from orchestrator.serve.protocol import (
@@ -41,6 +44,7 @@ from orchestrator.serve.protocol import (
     validate_request,
 )
 from orchestrator.serve.text import TextAssembler
+from orchestrator.spec import DeploySpec, parse_spec
 
 api = FastAPI(title="gptctl", description="Text generation from a gptctl checkpoint (OpenAI-compatible)")
 
@@ -97,7 +101,7 @@ class GenerateResponse(BaseModel):
 def _local_checkpoint(checkpoint: str) -> str:
     """Serving reads only the safetensors/config/tokenizer files; a LoRA checkpoint is merged into
     its base here, once per replica: decoding then costs what a full fine-tune's does."""
-    from orchestrator.lora import local_serving_dir
+    from orchestrator.registry.lora import local_serving_dir
 
     return local_serving_dir(checkpoint)
 
@@ -474,7 +478,14 @@ class GPTServer:
 def build_app(args: dict):
     """Serve config / KubeRay RayService entry point (import_path orchestrator.serve.app:build_app);
     `args` are a deploy spec's fields."""
-    from orchestrator.deploy import build_application
-    from orchestrator.spec import parse_spec
-
     return build_application(parse_spec({"kind": "deploy", **dict(args)}, source="serve config args"))
+
+
+def build_application(spec: DeploySpec):
+    """The bound Serve application for a deploy spec: what `deploy` runs and what a Serve
+    config / KubeRay RayService imports (orchestrator.serve.app:build_app)."""
+    options = serve_options(spec, resolve_api_key(spec))
+    accepted = inspect.signature(GPTServer.options).parameters
+    # older Ray versions lack some options (max_surge_percent)
+    actor_options = {k: v for k, v in deployment_options(spec).items() if k in accepted}
+    return GPTServer.options(**actor_options).bind(spec.checkpoint, forwarded_env(), options.to_dict())

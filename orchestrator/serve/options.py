@@ -1,6 +1,6 @@
 """What one Serve replica is configured with: limits, batching and auth (no Ray imports).
 
-`deploy.py` builds a `ServeOptions` from the DeploySpec and hands it to every replica as a plain
+`deployment.py` builds a `ServeOptions` from the DeploySpec and hands it to every replica as a plain
 dict. The API key itself never travels: only its SHA-256, which the replica compares with the
 SHA-256 of the bearer token a request presents.
 """

@@ -12,8 +12,8 @@ from lm_eval.api.instance import Instance
 
 from model import GPTTokenizer, SamplingParams, generate, load_pretrained
 from orchestrator import cli
-from orchestrator.export import export_hf
-from orchestrator.lm_eval_model import GPTCtlLM
+from orchestrator.eval.lm_eval_model import GPTCtlLM
+from orchestrator.registry.export import export_hf
 
 transformers = pytest.importorskip("transformers")
 

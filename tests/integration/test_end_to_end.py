@@ -13,10 +13,10 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from orchestrator.controller import prepare_job, run_training
 from orchestrator.data.corpus import write_demo_corpus
 from orchestrator.data.prepare import prepare_dataset
-from orchestrator.deploy import deploy, query
+from orchestrator.jobs.controller import prepare_job, run_training
+from orchestrator.serve.deploy import deploy, query
 from orchestrator.spec import parse_spec
 from workers import storage
 
@@ -101,7 +101,7 @@ def test_mlflow_run_has_params_metrics_and_model(mlflow_server, tmp_path):
     assert versions and {v.run_id for v in versions} == {run.info.run_id}
     newest = max(versions, key=lambda v: int(v.version))
     assert client.get_model_version_by_alias("it-pretrain", "best").version in {v.version for v in versions}
-    from orchestrator.registry import resolve_model_uri
+    from orchestrator.registry.models import resolve_model_uri
 
     resolved = Path(resolve_model_uri("models:/it-pretrain@best", mlflow_server, dst_dir=str(tmp_path / "best")))
     assert (resolved / "model.safetensors").is_file()

@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 
 from model import GPT, load_pretrained
 from model.hf import UnsafeCheckpointError
-from orchestrator import cli_interop
-from orchestrator.export import ConsolidationError, consolidate_deepspeed, deepspeed_zero_stage, export_hf
+from orchestrator.cli import interop as cli_interop
+from orchestrator.registry.export import ConsolidationError, consolidate_deepspeed, deepspeed_zero_stage, export_hf
 from orchestrator.spec import TrainSpec
 from workers.checkpointing import TrainerState, save_checkpoint
 from workers.engine import build_engine
@@ -144,7 +144,7 @@ def test_not_a_deepspeed_checkpoint(tmp_path):
 def test_resume_reads_engine_state_with_weights_only(tmp_path, tokenizer, stage):
     """engine.load_checkpoint (what workers/checkpointing.restore_checkpoint calls to resume) works
     inside weights_only_deepspeed_loads for every stage, and restores the saved weights."""
-    from orchestrator.export import weights_only_deepspeed_loads
+    from orchestrator.registry.export import weights_only_deepspeed_loads
 
     saved = _train_and_save(tmp_path, tokenizer, stage)
     torch.manual_seed(100 + stage)
@@ -158,7 +158,7 @@ def test_resume_reads_engine_state_with_weights_only(tmp_path, tokenizer, stage)
 
 
 def test_resume_refuses_a_pickle_payload(tmp_path, stage2_checkpoint):
-    from orchestrator.export import weights_only_deepspeed_loads
+    from orchestrator.registry.export import weights_only_deepspeed_loads
 
     source = tmp_path / "src"
     shutil.copytree(stage2_checkpoint, source)

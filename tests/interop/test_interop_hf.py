@@ -12,8 +12,8 @@ from interop_testutil import TEXT, tensors_equal, tiny_config
 
 from model import GPTTokenizer, SamplingParams, generate, load_pretrained
 from model.hf import HFFormatError, gpt_config_from_hf, hf_config_dict
-from orchestrator import cli_interop
-from orchestrator.export import export_hf, import_hf, is_hf_checkpoint
+from orchestrator.cli import interop as cli_interop
+from orchestrator.registry.export import export_hf, import_hf, is_hf_checkpoint
 
 transformers = pytest.importorskip("transformers")
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from model import load_pretrained
 from model.lora import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, load_merged, load_with_adapter
-from orchestrator.lora import merge_lora_checkpoint
+from orchestrator.registry.lora import merge_lora_checkpoint
 from workers.checkpointing import (DEEPSPEED_DIR, ResumeMismatchError, TrainerState, restore_checkpoint,
                                   save_checkpoint)
 from workers.engine import build_engine

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from interop_testutil import tensors_equal
 
-from orchestrator import cli_interop
-from orchestrator.registry import (
+from orchestrator.cli import interop as cli_interop
+from orchestrator.registry.models import (
     VAL_LOSS_TAG,
     RegistryError,
     list_model_versions,

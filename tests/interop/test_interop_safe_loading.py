@@ -11,7 +11,7 @@ from interop_testutil import write_pickle_payload
 
 from model import load_pretrained
 from model.hf import UnsafeCheckpointError
-from orchestrator.export import consolidate_deepspeed, export_hf, import_hf
+from orchestrator.registry.export import consolidate_deepspeed, export_hf, import_hf
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -10,11 +10,9 @@ import yaml
 
 
 @pytest.fixture
-def gptctl(monkeypatch, capsys):
-    """Run `gptctl ARGS…` in-process with orchestrator.cli_ops registered; returns (code, out, err)."""
+def gptctl(capsys):
+    """Run `gptctl ARGS…` in-process; returns (code, out, err)."""
     import orchestrator.cli as cli
-
-    monkeypatch.setattr(cli, "FEATURE_COMMANDS", tuple(dict.fromkeys([*cli.FEATURE_COMMANDS, "orchestrator.cli_ops"])))
 
     def run(*argv: str) -> tuple[int, str, str]:
         code = cli.main([str(arg) for arg in argv])

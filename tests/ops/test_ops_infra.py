@@ -29,7 +29,7 @@ def _image() -> str:
 
 
 def _submit_entrypoint_parses(entrypoint: str) -> list[str]:
-    """`python -m orchestrator.cli submit SPEC --address auto` is what cli.py accepts."""
+    """`python -m orchestrator.cli submit SPEC --address auto` is what orchestrator/cli accepts."""
     argv = shlex.split(entrypoint)
     assert argv[:3] == ["python", "-m", "orchestrator.cli"], entrypoint
     from orchestrator.cli import build_parser

@@ -10,7 +10,7 @@ import psutil
 import pytest
 
 from infra.ray_head import start_ray_head
-from orchestrator import jobs
+from orchestrator.jobs import submit as jobs
 
 pytestmark = pytest.mark.integration
 
@@ -48,7 +48,7 @@ def test_submit_prints_mlflow_link_then_logs_follow_to_success(
     tracking = f"sqlite:///{root / 'mlflow.db'}"
     submitted["tracking"] = tracking
     spec = write_spec(tiny_job("pretrain", "ops-job", tiny_data["pretrain"], root / "runs", tracking), "ops-job.yaml")
-    from orchestrator.cli_ops import submit_dispatch
+    from orchestrator.cli.ops import submit_dispatch
 
     assert submit_dispatch(str(spec), ray_head.dashboard_url) == 0
     out = capsys.readouterr().out
@@ -79,7 +79,7 @@ def test_bad_input_found_on_the_cluster_exits_2_with_the_reason_in_its_logs(
                       "ops-bad.yaml")
     code, out, _ = gptctl("submit", spec, "--address", ray_head.dashboard_url) if _wired() else (None, "", "")
     if code is None:
-        from orchestrator.jobs import submit_command
+        from orchestrator.jobs.submit import submit_command
 
         outputs: list[str] = []
         code = submit_command(str(spec), ray_head.dashboard_url, out=outputs.append)
@@ -96,7 +96,7 @@ def test_bad_input_found_on_the_cluster_exits_2_with_the_reason_in_its_logs(
 def test_a_job_that_fails_while_training_exits_1(
         ray_head, tiny_data, tiny_job, write_spec, submitted, gptctl, no_auth, job_id_from):
     """A worker dies after its first step and no retry is allowed: the job failed, not its input."""
-    from orchestrator.jobs import submit_command
+    from orchestrator.jobs.submit import submit_command
 
     root = submitted["root"]
     job = tiny_job("pretrain", "ops-crash", tiny_data["pretrain"], root / "runs", submitted["tracking"],
@@ -114,7 +114,7 @@ def test_a_job_bigger_than_the_local_head_ends_at_once_naming_the_fields(
         ray_head, tiny_data, tiny_job, write_spec, submitted, gptctl, no_auth, job_id_from):
     """The head never grows (it says so in its environment): Ray Train would wait for the
     missing CPUs forever; the job's driver refuses the job before it opens an MLflow run."""
-    from orchestrator.jobs import submit_command
+    from orchestrator.jobs.submit import submit_command
 
     root = submitted["root"]
     job = tiny_job("pretrain", "ops-too-big", tiny_data["pretrain"], root / "runs", submitted["tracking"])

@@ -49,7 +49,7 @@ def test_status_by_job_name_shows_step_loss_speed_eta(gptctl, fake_run, monkeypa
 
 
 def test_status_by_run_id_and_unknown_target(gptctl, fake_run):
-    from orchestrator.status import run_progress
+    from orchestrator.jobs.status import run_progress
 
     progress = run_progress(fake_run["run_id"], fake_run["uri"])
     assert progress.step == LOGGED and progress.max_steps == MAX_STEPS
@@ -73,7 +73,7 @@ def test_report_writes_a_png_of_loss_and_lr(gptctl, fake_run, tmp_path):
 
 
 def test_finished_run_has_no_eta(fake_run):
-    from orchestrator.status import format_progress, run_progress
+    from orchestrator.jobs.status import format_progress, run_progress
 
     client = fake_run["client"]
     client.set_terminated(fake_run["run_id"], status="FINISHED")

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from infra.ray_head import start_ray_head, start_ray_worker
-from orchestrator import jobs
-from orchestrator.jobs import submit_command
-from orchestrator.placement import multi_node_problem
+from orchestrator.jobs import submit as jobs
+from orchestrator.jobs.placement import multi_node_problem
+from orchestrator.jobs.submit import submit_command
 from orchestrator.spec import parse_spec
 from workers import storage
 

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from infra.loopback_cluster import start_loopback_cluster, step_times, train_worker_actors, wait_for
-from orchestrator.jobs import client_for, submit_job
+from orchestrator.jobs.submit import client_for, submit_job
 
 pytestmark = pytest.mark.integration
 
@@ -124,7 +124,7 @@ def _final_loss(uri: str, run_id: str) -> float:
 
 
 def test_elastic_min_workers_becomes_ray_trains_worker_range(tmp_path):
-    from orchestrator.placement import scaling_config
+    from orchestrator.jobs.placement import scaling_config
     from orchestrator.spec import SpecError, parse_spec
 
     spec = parse_spec(_spec(tmp_path, "elastic", elastic={"min_workers": 1}))
@@ -139,7 +139,7 @@ def _uninterrupted(root: Path) -> str:
     """The same job without a fault, on the session's embedded Ray (one node; the same math: fp32
     ZeRO-2 on 2 workers, same seed and data order), in this process: about half the time of a job
     through the loopback cluster's Jobs API. Returns its MLflow run id."""
-    from orchestrator.controller import prepare_job, run_training
+    from orchestrator.jobs.controller import prepare_job, run_training
     from orchestrator.spec import parse_spec
 
     spec = {**_spec(root, "uninterrupted"), "cluster": {"num_workers": 2, "cpus_per_worker": 1},

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import pipeline
-from orchestrator.controller import JobInputError
+from orchestrator.jobs import pipeline
+from orchestrator.jobs.controller import JobInputError
 from orchestrator.spec import load_spec, parse_spec
 
 
@@ -98,7 +98,7 @@ def test_status_command_prints_the_pipeline_table(fake_stages, tmp_path, gptctl,
         "pipe.yaml")
     code, out, err = gptctl("submit", path) if _submit_wired() else (None, "", "")
     if code is None:  # cli.py not wired yet: the same function it will call
-        from orchestrator.cli_ops import submit_dispatch
+        from orchestrator.cli.ops import submit_dispatch
 
         code = submit_dispatch(str(path), None)
     assert code == 2
@@ -125,7 +125,7 @@ def test_pipeline_pretrain_finetune_deploy_on_ray(ray_cluster, tiny_data, tiny_j
     from mlflow.tracking import MlflowClient
 
     from infra.s3_endpoint import free_port
-    from orchestrator.cli_ops import submit_dispatch
+    from orchestrator.cli.ops import submit_dispatch
 
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     storage = tmp_path / "runs"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.cli import EXIT_OK, build_parser, main
-from orchestrator.cli_help import QUICK_START, walk
+from orchestrator.cli.help import QUICK_START, walk
 
 COMMANDS = [path for path, _ in walk(build_parser())]
 
@@ -26,7 +26,7 @@ def test_help_shows_an_example_of_the_command(command, capsys):
     needle = re.compile(re.escape(f"gptctl {command}".rstrip()) + r"(?![\w-])")  # `gptctl stack` is not `gptctl stackx`
     examples = [line.strip() for line in (parser.epilog or "").splitlines() if needle.search(line)]
     assert examples, (f"`gptctl {command} --help` shows no example line `gptctl {command} …`; add one to "
-                      f"orchestrator/cli_help.py EXAMPLES (or give the parser an epilog)")
+                      f"orchestrator/cli/help.py EXAMPLES (or give the parser an epilog)")
     with pytest.raises(SystemExit) as done:
         main([*command.split(), "--help"])
     assert done.value.code == 0

@@ -7,7 +7,7 @@ import re
 import pytest
 from ray.train import ControllerError
 
-from orchestrator.stop_on_input_error import StopOnInputError, WorkerInputError, input_error_of
+from orchestrator.jobs.stop_on_input_error import StopOnInputError, WorkerInputError, input_error_of
 from workers.data_stream import CorruptShardError
 from workers.engine import DeepSpeedConfigError, PrecisionError
 from workers.storage import StorageError

@@ -33,7 +33,7 @@ def make_checkpoint(directory: Path, tokenizer: GPTTokenizer, seed: int = 0, blo
 
 def deploy_app(**fields) -> str:
     from infra.s3_endpoint import free_port
-    from orchestrator.deploy import deploy
+    from orchestrator.serve.deploy import deploy
     from orchestrator.spec import parse_spec
 
     return deploy(parse_spec({"kind": "deploy", "port": free_port(), "cpus_per_replica": 0.25, **fields}))

@@ -93,7 +93,7 @@ def test_replicas_the_embedded_ray_cannot_hold_are_refused_at_once(ray_cluster, 
     """Serve would wait for such replicas forever; the embedded Ray never grows."""
     import ray
 
-    from orchestrator.controller import JobInputError
+    from orchestrator.jobs.controller import JobInputError
 
     if not ray.cluster_resources().get("GPU"):
         with pytest.raises(JobInputError, match=r"^deploy t-too-big: num_replicas × gpus_per_replica \(2 × 1\) needs "

@@ -1,4 +1,4 @@
-"""`gptctl chat` and the deploy flags from orchestrator/cli_serve.py."""
+"""`gptctl chat` and the deploy flags from orchestrator/cli/serve.py."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from orchestrator import cli_serve
+from orchestrator.cli import serve as cli_serve
 from orchestrator.spec import DeploySpec
 
 

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from orchestrator.data.prepare import format_prompt
-from orchestrator.deploy import iter_sse
+from orchestrator.serve.deploy import iter_sse
 
 pytestmark = pytest.mark.integration
 

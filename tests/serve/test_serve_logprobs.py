@@ -100,8 +100,8 @@ def test_gptctl_eval_against_the_endpoint_matches_in_process(serve_url, serve_ch
     from lm_eval.api.registry import get_model
 
     from orchestrator import cli
-    from orchestrator.cli_eval import _endpoint_args
-    from orchestrator.lm_eval_model import GPTCtlLM
+    from orchestrator.cli.eval import _endpoint_args
+    from orchestrator.eval.lm_eval_model import GPTCtlLM
 
     checkpoint = str(serve_checkpoints[0])
     args = argparse.Namespace(target=f"{serve_url}/v1", tokenizer=checkpoint, api_key_env="GPTCTL_LMEVAL_NO_KEY")

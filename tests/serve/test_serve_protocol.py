@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.controller import JobInputError
 from orchestrator.data.prepare import format_prompt
-from orchestrator.deploy import deployment_options, resolve_api_key, serve_options
+from orchestrator.jobs.controller import JobInputError
+from orchestrator.serve.deployment import deployment_options, resolve_api_key, serve_options
 from orchestrator.serve.options import ServeOptions, bearer_matches, hash_api_key
 from orchestrator.serve.protocol import (
     ApiError,

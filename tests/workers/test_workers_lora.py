@@ -16,9 +16,9 @@ from safetensors.torch import load_file
 
 from model import GPT, GPTConfig, GPTTokenizer, load_pretrained, save_pretrained
 from model.lora import load_with_adapter
-from orchestrator.controller import prepare_job, run_training
 from orchestrator.data.corpus import write_demo_corpus
 from orchestrator.data.prepare import prepare_dataset
+from orchestrator.jobs.controller import prepare_job, run_training
 from orchestrator.spec import parse_spec
 
 pytestmark = pytest.mark.integration
@@ -75,7 +75,7 @@ def test_lora_finetune_writes_adapter_only_checkpoints(workdir, ray_cluster):
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["base_checkpoint"] == str(workdir / "base") and state["lora"]["r"] == 4
     # only the adapted layers differ from the base once merged
-    from orchestrator.lora import merge_lora_checkpoint
+    from orchestrator.registry.lora import merge_lora_checkpoint
 
     merged = load_file(str(merge_lora_checkpoint(str(ckpt), workdir / "merged") / "model.safetensors"))
     base = load_file(str(workdir / "base" / "model.safetensors"))
@@ -107,8 +107,8 @@ def test_registry_export_and_serving_get_the_merged_model(workdir, tmp_path):
     """The MLflow version, `gptctl export --merge` and a Serve replica's files: one merged model,
     whose logits agree with base + adapter within 1e-5."""
     from orchestrator.cli import main
-    from orchestrator.controller import JobInputError, require_checkpoint
-    from orchestrator.registry import resolve_model_uri
+    from orchestrator.jobs.controller import JobInputError, require_checkpoint
+    from orchestrator.registry.models import resolve_model_uri
     from orchestrator.serve.app import _local_checkpoint
 
     ckpt = RUNS["lora"].checkpoint
@@ -134,7 +134,7 @@ def test_deploy_serves_base_plus_adapter_like_the_merged_model(workdir, ray_clus
 
     from infra.s3_endpoint import free_port
     from model import SamplingParams, generate
-    from orchestrator.deploy import deploy, query
+    from orchestrator.serve.deploy import deploy, query
 
     spec = parse_spec({"kind": "deploy", "name": "lora", "checkpoint": RUNS["lora"].checkpoint, "port": free_port(),
                        "route_prefix": "/lora", "cpus_per_replica": 0.5})

@@ -8,9 +8,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from infra.mlflow_server import start_mlflow_server
-from orchestrator.controller import prepare_job, run_training
 from orchestrator.data.corpus import write_demo_corpus
 from orchestrator.data.prepare import prepare_dataset
+from orchestrator.jobs.controller import prepare_job, run_training
 from orchestrator.spec import parse_spec
 
 pytestmark = pytest.mark.integration

@@ -17,10 +17,10 @@ from mlflow.tracking import MlflowClient
 
 from infra.fault_proxy import FaultProxy
 from infra.s3_endpoint import pointed_at
-from orchestrator.controller import prepare_job, run_training
 from orchestrator.data.corpus import write_demo_corpus
 from orchestrator.data.prepare import prepare_dataset
-from orchestrator.errors import JobFailed
+from orchestrator.jobs.controller import prepare_job, run_training
+from orchestrator.jobs.errors import JobFailed
 from orchestrator.spec import parse_spec
 from workers import storage
 from workers.checkpointing import SERVING_FILES

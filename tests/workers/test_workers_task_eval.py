@@ -83,7 +83,7 @@ def test_a_finetune_logs_task_scores_and_an_answer_table(tmp_path, ray_cluster):
     """ZeRO-3 on two workers: the hardest layout for generation (sharded weights)."""
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.controller import prepare_job, run_training
+    from orchestrator.jobs.controller import prepare_job, run_training
     from orchestrator.data.corpus import write_demo_corpus
     from orchestrator.data.prepare import prepare_dataset
     from orchestrator.spec import parse_spec

@@ -12,9 +12,9 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from orchestrator.controller import prepare_job, run_training
 from orchestrator.data.corpus import write_demo_corpus
 from orchestrator.data.prepare import prepare_dataset
+from orchestrator.jobs.controller import prepare_job, run_training
 from orchestrator.spec import parse_spec
 
 pytestmark = pytest.mark.integration
@@ -94,7 +94,7 @@ def test_workers_without_use_gpu_train_on_deepspeeds_cpu_accelerator(workdir):
 def test_a_bad_input_error_on_a_worker_is_not_retried(workdir, ray_cluster):
     """A DeepSpeed field DeepSpeed rejects fails the same way on every attempt: the job stops after
     the first (despite max_failures) with an input error naming the field, and its run is failed."""
-    from orchestrator.controller import JobInputError
+    from orchestrator.jobs.controller import JobInputError
 
     spec = _spec(workdir, "bad-deepspeed-field")
     spec["cluster"]["max_failures"] = 3  # without the stop: 4 attempts, then JobFailed
@@ -115,7 +115,7 @@ def test_a_worker_group_the_embedded_ray_cannot_hold_is_refused_before_it_starts
     forever; the embedded Ray never grows, so the job is refused at once and opens no run."""
     import ray
 
-    from orchestrator.controller import JobInputError
+    from orchestrator.jobs.controller import JobInputError
 
     spec = _spec(workdir, "too-big-for-this-ray")
     spec["cluster"].update(num_workers=3, cpus_per_worker=2)
@@ -138,7 +138,7 @@ def test_resuming_a_job_with_another_model_or_zero_layout_names_the_field(workdi
     """Resubmitting under the same name resumes; with another model, or a ZeRO stage that cannot
     read the checkpoint, the job stops at its first attempt naming the field (not a DeepSpeed
     size mismatch, AttributeError or bare assertion)."""
-    from orchestrator.controller import JobInputError
+    from orchestrator.jobs.controller import JobInputError
 
     spec = _spec(workdir, "resume-other-model", max_steps=2, checkpoint_every=2, zero_stage=2)
     spec["debug"] = {}

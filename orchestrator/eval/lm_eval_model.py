@@ -38,8 +38,8 @@ TokenRequest = tuple[object, list[int], list[int]]  # (cache key, context ids, c
 def local_checkpoint(target: str, tracking_uri: str | None = None) -> str:
     """A local directory holding the serving files of a checkpoint dir, s3:// URI or models:/ URI
     (a LoRA checkpoint: its merged model, as serving has it)."""
-    from orchestrator.lora import local_serving_dir
-    from orchestrator.registry import is_registry_uri, resolve_model_uri
+    from orchestrator.registry.lora import local_serving_dir
+    from orchestrator.registry.models import is_registry_uri, resolve_model_uri
     from workers import storage
 
     if is_registry_uri(target):

@@ -8,11 +8,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from orchestrator.controller import prepare_job, run_training
 from orchestrator.data.corpus import write_demo_corpus
 from orchestrator.data.prepare import prepare_dataset
-from orchestrator.deploy import deploy, query
+from orchestrator.jobs.controller import prepare_job, run_training
 from orchestrator.runs import resolve_tracking_uri
+from orchestrator.serve.deploy import deploy, query
 from orchestrator.spec import parse_spec
 
 DEMO_MODEL = {"preset": "tiny", "n_layer": 4, "n_head": 4, "n_embd": 128}

@@ -3,7 +3,7 @@
     gptctl eval CHECKPOINT|s3://…|models:/NAME@ALIAS --tasks hellaswag,lambada_openai
     gptctl eval http://127.0.0.1:8000/v1 --tokenizer CHECKPOINT --tasks …   # a deployed endpoint
 
-A checkpoint is evaluated in this process (orchestrator/lm_eval_model.py); an endpoint through
+A checkpoint is evaluated in this process (orchestrator/eval/lm_eval_model.py); an endpoint through
 lm-eval's own `local-completions` model, which scores with /v1/completions' `echo` + `logprobs`.
 The task names are checked before any model is loaded: an unknown one exits 2 naming --tasks
 and the closest known names. Metrics land in MLflow as `lm_eval/<task>/<metric>` on the
@@ -86,7 +86,7 @@ def _eval(args: argparse.Namespace) -> int:
     if endpoint:
         model, model_args, run_id = "local-completions", _endpoint_args(args), args.run_id
     else:
-        from orchestrator.lm_eval_model import GPTCtlLM, checkpoint_run_id, local_checkpoint
+        from orchestrator.eval.lm_eval_model import GPTCtlLM, checkpoint_run_id, local_checkpoint
 
         local = local_checkpoint(args.target, args.tracking_uri)
         model, model_args = GPTCtlLM(checkpoint=local, batch_size=args.batch_size, device=args.device), None

@@ -1,6 +1,6 @@
 """Checkpoints as MLflow registered model versions.
 
-The model is logged "from code" (orchestrator/pyfunc_model.py) with the checkpoint's serving
+The model is logged "from code" (orchestrator/registry/pyfunc.py) with the checkpoint's serving
 files as artifacts, so `mlflow.pyfunc.load_model("models:/NAME/1")` generates text and the
 weights stay plain safetensors: nothing in the registry is unpickled.
 """
@@ -17,14 +17,14 @@ from pathlib import Path
 from workers import storage
 from workers.checkpointing import REQUIRED_SERVING_FILES, SERVING_FILES
 
-PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+PYFUNC_CODE = Path(__file__).with_name("pyfunc.py")
 
 
 def register_checkpoint(run_id: str, checkpoint_uri: str, model_name: str, tracking_uri: str) -> int:
     """Log the checkpoint's serving files under the run and register them; returns the version."""
     import mlflow
 
-    from orchestrator.lora import is_lora_checkpoint, merge_lora_checkpoint
+    from orchestrator.registry.lora import is_lora_checkpoint, merge_lora_checkpoint
 
     mlflow.set_tracking_uri(tracking_uri)
     with tempfile.TemporaryDirectory(prefix="gptctl-register-") as staging:

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import httpx
 
-from orchestrator.controller import JobFailed, JobInputError
 from orchestrator.data.prepare import DataError
-from orchestrator.export import ConsolidationError, HFFormatError
-from orchestrator.registry import RegistryError
+from orchestrator.jobs.controller import JobFailed, JobInputError
+from orchestrator.registry.export import ConsolidationError, HFFormatError
+from orchestrator.registry.models import RegistryError
 from orchestrator.runs import TrackingUnreachable
 from orchestrator.spec import SpecError
 from workers.engine import AttentionKernelError, DeepSpeedConfigError, PrecisionError

@@ -1,6 +1,6 @@
 """MLflow "model from code" for a gptctl checkpoint: no pickled Python object is stored.
 
-Logged by orchestrator/registry.py; MLflow runs this file on load and finds the model
+Logged by orchestrator/registry/models.py; MLflow runs this file on load and finds the model
 through `set_model`. The weights come from the checkpoint's safetensors artifact.
 """
 from __future__ import annotations

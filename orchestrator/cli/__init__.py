@@ -3,18 +3,12 @@ field or file; a job that started and failed exits 1."""
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
-# modules that add their own subcommands: each defines `register(subparsers)` and gives every
-# parser `set_defaults(handler=fn)` where fn(args) -> exit code
-FEATURE_COMMANDS: tuple[str, ...] = (
-    "orchestrator.cli_interop", "orchestrator.cli_ops", "orchestrator.cli_serve", "orchestrator.cli_eval",
-)
 
 
 def _add_data(sub: argparse._SubParsersAction) -> None:
@@ -38,9 +32,9 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from orchestrator.cli_serve import add_deploy_flags, add_sampling_flags
+    from orchestrator.cli.serve import add_deploy_flags, add_sampling_flags
 
-    from orchestrator.cli_help import QUICK_START
+    from orchestrator.cli.help import QUICK_START
 
     parser = argparse.ArgumentParser(prog="gptctl", description=QUICK_START.splitlines()[0])
     parser.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (sets AWS_ENDPOINT_URL)")
@@ -84,9 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", default="demo_output")
     demo.add_argument("--port", type=int, default=8000)
     demo.set_defaults(handler=_cmd_demo)
-    for module_name in FEATURE_COMMANDS:
-        importlib.import_module(module_name).register(sub)
-    from orchestrator.cli_help import add_examples
+    # one module per command group: each defines `register(subparsers)` and gives every parser
+    # `set_defaults(handler=fn)` where fn(args) -> exit code
+    from orchestrator.cli import eval as eval_commands, interop, ops, serve
+
+    for group in (interop, ops, serve, eval_commands):
+        group.register(sub)
+    from orchestrator.cli.help import add_examples
 
     return add_examples(parser)
 
@@ -119,7 +117,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
-    from orchestrator.cli_ops import submit_dispatch
+    from orchestrator.cli.ops import submit_dispatch
     from orchestrator.spec import DeploySpec, load_spec
 
     handled = submit_dispatch(args.spec, args.address, wait=args.wait)  # Jobs API, pipelines
@@ -128,7 +126,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     if isinstance(spec, DeploySpec):
         return _serve(spec, args.address)
-    from orchestrator.controller import prepare_job, run_training
+    from orchestrator.jobs.controller import prepare_job, run_training
 
     result = run_training(prepare_job(spec), address=args.address)
     print(f"[gptctl] {spec.kind} '{spec.name}' finished at step {result.step}")
@@ -138,7 +136,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _cmd_deploy(args: argparse.Namespace) -> int:
-    from orchestrator.cli_serve import deploy_spec_fields
+    from orchestrator.cli.serve import deploy_spec_fields
     from orchestrator.spec import DeploySpec, load_spec
 
     if args.target.endswith((".yaml", ".yml")):
@@ -153,7 +151,7 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
 
 
 def _serve(spec, address: str | None) -> int:
-    from orchestrator.deploy import deploy, serve_until_interrupted
+    from orchestrator.serve.deploy import deploy, serve_until_interrupted
 
     url = deploy(spec, address=address)
     print(f"[gptctl] serving {spec.checkpoint} at {url} (POST /v1/completions, /v1/chat/completions, "
@@ -164,7 +162,7 @@ def _serve(spec, address: str | None) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from orchestrator.deploy import query
+    from orchestrator.serve.deploy import query
 
     reply = query(args.url, args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, use_template=False if args.raw else None)
@@ -173,7 +171,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from orchestrator.demo import run_demo
+    from orchestrator.cli.demo import run_demo
 
     run_demo(args.workdir, port=args.port)
     return EXIT_OK
@@ -182,14 +180,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv:  # a bare `gptctl` asks what to do: answer with the quick start, not a usage error
-        from orchestrator.cli_help import QUICK_START
+        from orchestrator.cli.help import QUICK_START
 
         print(QUICK_START, end="")
         return EXIT_OK
     args = build_parser().parse_args(argv)
     if args.s3_endpoint:
         os.environ["AWS_ENDPOINT_URL"] = args.s3_endpoint
-    from orchestrator.errors import BAD_INPUT_ERRORS, FAILED_ERRORS
+    from orchestrator.jobs.errors import BAD_INPUT_ERRORS, FAILED_ERRORS
 
     try:
         return args.handler(args)
@@ -199,7 +197,3 @@ def main(argv: list[str] | None = None) -> int:
     except FAILED_ERRORS as error:
         print(f"gptctl: failed: {error}", file=sys.stderr)
         return EXIT_FAILED
-
-
-if __name__ == "__main__":
-    sys.exit(main())

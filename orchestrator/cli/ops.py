@@ -1,4 +1,4 @@
-"""Operations commands for `gptctl` (registered through cli.FEATURE_COMMANDS):
+"""Operations commands for `gptctl` (registered in orchestrator/cli/__init__.py):
 
   gptctl schema [--kind K]                      JSON schema of a job spec file
   gptctl resolve SPEC                           the validated spec as it will run, secrets as ***
@@ -32,9 +32,9 @@ def _guard(handler):
 
     @functools.wraps(handler)
     def run(args: argparse.Namespace) -> int:
-        from orchestrator.jobs import JobsError
+        from orchestrator.jobs.status import RunNotFound
+        from orchestrator.jobs.submit import JobsError
         from orchestrator.stack import StackError
-        from orchestrator.status import RunNotFound
 
         try:
             return handler(args)
@@ -48,13 +48,13 @@ def _guard(handler):
     return run
 
 
-# ----------------------------------------------------------------------------- submit (called by cli.py)
+# ----------------------------------------------------------------------------- submit (called by cli/__init__.py)
 
 def submit_dispatch(spec_path: str, address: str | None, wait: bool = False) -> int | None:
     """What `gptctl submit` hands over before its own path: an http(s):// address goes through
-    the Ray Jobs API; a `kind: pipeline` spec runs its stages. None: neither, cli.py runs it."""
+    the Ray Jobs API; a `kind: pipeline` spec runs its stages. None: neither, cli/__init__.py runs it."""
     if address and address.startswith(("http://", "https://")):
-        from orchestrator.jobs import JobsError, submit_command
+        from orchestrator.jobs.submit import JobsError, submit_command
 
         try:
             return submit_command(spec_path, address, wait=wait, out=lambda text: print(text, flush=True))
@@ -65,7 +65,7 @@ def submit_dispatch(spec_path: str, address: str | None, wait: bool = False) -> 
 
     spec = load_spec(spec_path)
     if isinstance(spec, PipelineSpec):
-        from orchestrator.pipeline import submit_pipeline
+        from orchestrator.jobs.pipeline import submit_pipeline
 
         return submit_pipeline(spec, address=address)
     return None
@@ -96,12 +96,12 @@ def _looks_like_job_id(target: str) -> bool:
 
 
 def _status_of_spec(args: argparse.Namespace) -> int:
+    from orchestrator.jobs.status import format_progress, run_progress
     from orchestrator.spec import DeploySpec, PipelineSpec, load_spec
-    from orchestrator.status import format_progress, run_progress
 
     spec = load_spec(args.target)
     if isinstance(spec, PipelineSpec):
-        from orchestrator.pipeline import format_state, load_state
+        from orchestrator.jobs.pipeline import format_state, load_state
 
         state = load_state(spec)
         print(format_state(spec, state))
@@ -114,7 +114,7 @@ def _status_of_spec(args: argparse.Namespace) -> int:
 
 
 def _print_run_progress(target: str, tracking_uri: str | None, quiet_missing: bool) -> None:
-    from orchestrator.status import RunNotFound, format_progress, run_progress
+    from orchestrator.jobs.status import RunNotFound, format_progress, run_progress
 
     try:
         print(format_progress(run_progress(target, tracking_uri)))
@@ -127,7 +127,7 @@ def _print_run_progress(target: str, tracking_uri: str | None, quiet_missing: bo
 
 
 def _print_pipeline_state(uri: str) -> None:
-    from orchestrator.pipeline import format_state, read_state
+    from orchestrator.jobs.pipeline import format_state, read_state
 
     try:
         print(format_state(None, read_state(uri), where=uri))
@@ -136,8 +136,8 @@ def _print_pipeline_state(uri: str) -> None:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from orchestrator import jobs
-    from orchestrator.status import RunNotFound
+    from orchestrator.jobs import submit as jobs
+    from orchestrator.jobs.status import RunNotFound
 
     if args.target.endswith((".yaml", ".yml")) and Path(args.target).is_file():
         return _status_of_spec(args)
@@ -185,7 +185,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_logs(args: argparse.Namespace) -> int:
-    from orchestrator import jobs
+    from orchestrator.jobs import submit as jobs
 
     address = jobs.resolve_address(args.address)
     if args.follow:
@@ -197,7 +197,7 @@ def _cmd_logs(args: argparse.Namespace) -> int:
 
 
 def _cmd_stop(args: argparse.Namespace) -> int:
-    from orchestrator import jobs
+    from orchestrator.jobs import submit as jobs
 
     address = jobs.resolve_address(args.address)
     status = jobs.stop_job(address, args.job, wait_s=args.timeout)
@@ -211,7 +211,7 @@ def _cmd_stop(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from orchestrator import jobs
+    from orchestrator.jobs import submit as jobs
 
     address = jobs.resolve_address(args.address)
     print(jobs.format_jobs(jobs.list_jobs(address, include_all=args.all)))
@@ -219,7 +219,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from orchestrator.report import write_report
+    from orchestrator.jobs.report import write_report
 
     path = write_report(args.run, args.out, tracking_uri=args.tracking_uri)
     print(f"[gptctl] wrote {path}")

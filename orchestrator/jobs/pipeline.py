@@ -145,7 +145,7 @@ def _output_still_there(job, outputs: dict[str, Any]) -> bool:
 
 def _run_training_stage(job: PretrainSpec | FinetuneSpec, address: str | None, out: Callable[[str], Any],
                         pipeline: str, stage_id: str) -> dict[str, Any]:
-    from orchestrator.controller import prepare_job, run_training
+    from orchestrator.jobs.controller import prepare_job, run_training
 
     result = run_training(prepare_job(job), address=address, on_run=out)
     try:  # best effort: find a stage's run from the pipeline in the MLflow UI
@@ -174,7 +174,7 @@ def run_tracking_uri(job: PretrainSpec | FinetuneSpec) -> str:
 
 
 def _run_deploy_stage(job: DeploySpec, address: str | None) -> dict[str, Any]:
-    from orchestrator.deploy import deploy
+    from orchestrator.serve.deploy import deploy
 
     return {"url": deploy(job, address=address), "name": job.name}
 
@@ -275,7 +275,7 @@ def read_state(uri: str) -> dict[str, Any] | None:
 
 def exit_code_for(error: PipelineFailed) -> int:
     """2 when the stage's input was wrong (fix the spec), 1 when it started and failed."""
-    from orchestrator.errors import BAD_INPUT_ERRORS
+    from orchestrator.jobs.errors import BAD_INPUT_ERRORS
 
     return 2 if isinstance(error.cause, BAD_INPUT_ERRORS) else 1
 
@@ -301,7 +301,7 @@ def submit_pipeline(spec: PipelineSpec, address: str | None = None, serve_foreve
     if serve_forever is None:
         serve_forever = address is None and bool(deployed)
     if serve_forever:
-        from orchestrator.deploy import serve_until_interrupted
+        from orchestrator.serve.deploy import serve_until_interrupted
 
         serve_until_interrupted()
     return 0

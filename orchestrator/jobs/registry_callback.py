@@ -22,7 +22,7 @@ class RegisterEachCheckpoint(UserCallback):
         if checkpoint is None:
             return
         from infra.s3_endpoint import patched_environ
-        from orchestrator.registry import register_and_move_aliases
+        from orchestrator.registry.models import register_and_move_aliases
         from orchestrator.ray_runtime import checkpoint_uri
 
         uri = checkpoint_uri(checkpoint)

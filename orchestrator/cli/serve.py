@@ -1,4 +1,4 @@
-"""Serving subcommands for `gptctl` (registered through cli.FEATURE_COMMANDS).
+"""Serving subcommands for `gptctl` (registered in orchestrator/cli/__init__.py).
 
     gptctl chat "Where does Alice live?" [--url URL] [--no-stream] [--json] ...
     gptctl chat                     # one question per line from stdin, until EOF
@@ -33,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
-    from orchestrator.deploy import openai_request, openai_stream
+    from orchestrator.serve.deploy import openai_request, openai_stream
 
     key = os.environ.get(args.api_key_env) or None
     params = {"model": args.model, "max_tokens": args.max_tokens, "temperature": args.temperature,

@@ -111,7 +111,7 @@ def client_for(address: str):
 
 
 def _package_dirs() -> list[str]:
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]  # the repo root: orchestrator/jobs/submit.py
     return [str(root / name) for name in CODE_PACKAGES if (root / name / "__init__.py").is_file()]
 
 
@@ -149,7 +149,7 @@ def build_submission(spec_path: str | Path, ship_code: bool = True) -> dict[str,
     metadata = {METADATA_JOB: spec.name, METADATA_KIND: spec.kind, METADATA_SPEC: spec_path.name,
                 METADATA_TRACKING: tracking}
     if spec.kind == "pipeline" and (spec.storage_path.startswith("s3://") or Path(spec.storage_path).is_absolute()):
-        from orchestrator.pipeline import state_uri
+        from orchestrator.jobs.pipeline import state_uri
 
         metadata[METADATA_PIPELINE_STATE] = state_uri(spec)  # `gptctl status JOB` shows the stages
     return {

@@ -1,6 +1,6 @@
 """`gptctl export` and `gptctl models`: checkpoint interoperability commands.
 
-Added to the CLI through orchestrator.cli.FEATURE_COMMANDS: `register(subparsers)` gives each
+Registered in orchestrator/cli/__init__.py: `register(subparsers)` gives each
 parser `set_defaults(handler=fn)`, fn(args) -> exit code (0 ok, 2 bad input, 1 failed).
 """
 from __future__ import annotations
@@ -54,9 +54,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _bad_input_errors() -> tuple[type[BaseException], ...]:
     from model.hf import HFFormatError
-    from orchestrator.export import ConsolidationError
-    from orchestrator.lora import LoraCheckpointError
-    from orchestrator.registry import RegistryError
+    from orchestrator.registry.export import ConsolidationError
+    from orchestrator.registry.lora import LoraCheckpointError
+    from orchestrator.registry.models import RegistryError
     from workers.storage import StorageError
 
     return (HFFormatError, ConsolidationError, RegistryError, StorageError, FileNotFoundError, LoraCheckpointError)
@@ -81,8 +81,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from orchestrator.export import consolidate_deepspeed, copy_checkpoint_sidecars, export_hf
-    from orchestrator.registry import is_registry_uri, resolve_model_uri
+    from orchestrator.registry.export import consolidate_deepspeed, copy_checkpoint_sidecars, export_hf
+    from orchestrator.registry.models import is_registry_uri, resolve_model_uri
 
     source = args.checkpoint
     if is_registry_uri(source):
@@ -111,8 +111,8 @@ def _export_merged(source: str, args: argparse.Namespace) -> int:
     import tempfile
     from pathlib import Path
 
-    from orchestrator.export import export_hf
-    from orchestrator.lora import is_lora_checkpoint, merge_lora_checkpoint
+    from orchestrator.registry.export import export_hf
+    from orchestrator.registry.lora import is_lora_checkpoint, merge_lora_checkpoint
     from workers import storage
 
     if args.format not in (None, "gptctl", "hf"):
@@ -140,7 +140,7 @@ def _export_merged(source: str, args: argparse.Namespace) -> int:
 def _import(source: str, out: str, resize_embeddings: bool) -> None:
     import tempfile
 
-    from orchestrator.export import import_hf
+    from orchestrator.registry.export import import_hf
     from workers import storage
 
     if not storage.is_s3(out):
@@ -159,7 +159,7 @@ def _models_list(args: argparse.Namespace) -> int:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.registry import RegistryError, list_model_versions
+    from orchestrator.registry.models import RegistryError, list_model_versions
 
     uri = _tracking_uri(args)
     try:
@@ -190,7 +190,7 @@ def cmd_models_get(args: argparse.Namespace) -> int:
 
 
 def _models_get(args: argparse.Namespace) -> int:
-    from orchestrator.registry import RegistryError, is_registry_uri, resolve_model_uri
+    from orchestrator.registry.models import RegistryError, is_registry_uri, resolve_model_uri
 
     if not is_registry_uri(args.uri):
         raise RegistryError(f"{args.uri!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")

@@ -2,7 +2,7 @@
 usage: an example line per command, and the quick start.
 
 The examples live in one table rather than beside each `add_parser` call, so a feature module
-that registers commands (cli.FEATURE_COMMANDS) needs no help plumbing; a parser may also set
+that registers commands (orchestrator/cli/__init__.py) needs no help plumbing; a parser may also set
 its own `epilog`. tests/orchestrator/test_cli_help.py walks every subcommand and fails on one
 without an example.
 """

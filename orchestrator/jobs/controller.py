@@ -13,17 +13,14 @@ from typing import Iterator
 
 from model import GPTConfig, GPTTokenizer, config_from_preset
 from orchestrator.ray_runtime import checkpoint_uri, ensure_ray, fixed_size_shortfall, forwarded_env, train_storage
-from orchestrator.registry import CHECKPOINT_TAG, register_and_move_aliases
+from orchestrator.registry.checkpoints import require_checkpoint
+from orchestrator.registry.models import CHECKPOINT_TAG, register_and_move_aliases
 from orchestrator.runs import JobRun, check_tracking_reachable, resolve_tracking_uri
-from orchestrator.spec import FinetuneSpec, PretrainSpec
+from orchestrator.spec import FinetuneSpec, JobInputError, PretrainSpec
 from workers import storage
-from workers.checkpointing import ADAPTER_FILES, REQUIRED_SERVING_FILES
+from workers.checkpointing import ADAPTER_FILES
 from workers.shards import Manifest, load_manifest
 from workers.train_loop import WorkerJob
-
-
-class JobInputError(ValueError):
-    """Input that makes the job impossible; raised before anything is submitted."""
 
 
 class JobFailed(RuntimeError):
@@ -39,27 +36,6 @@ class TrainingResult:
     model_name: str | None = None
     model_version: int | None = None
     best_checkpoint: str | None = None  # serving files of the lowest-val-loss checkpoint
-
-
-def require_checkpoint(uri: str, field: str, allow_adapter: bool = False) -> None:
-    """A directory that serving/fine-tuning can read: the files named in ARCHITECTURE.md, or (where
-    `allow_adapter`: serving) a LoRA adapter checkpoint whose base has them."""
-    from orchestrator.lora import LoraCheckpointError, base_checkpoint_of, is_lora_checkpoint
-
-    storage.check_reachable(uri)
-    if is_lora_checkpoint(uri):
-        if not allow_adapter:
-            raise JobInputError(f"{field}: {uri} is a LoRA adapter checkpoint; merge it into a full one first "
-                                f"(gptctl export --merge {uri} --out DIR) and use DIR")
-        try:
-            base_checkpoint_of(uri)
-        except LoraCheckpointError as error:
-            raise JobInputError(f"{field}: {error}") from None
-        return
-    missing = [name for name in REQUIRED_SERVING_FILES
-               if not storage.exists(storage.join(uri, name))]
-    if missing:
-        raise JobInputError(f"{field}: {uri} holds no gptctl checkpoint (missing {', '.join(missing)})")
 
 
 def _load_data_manifest(data_uri: str, expected_kind: str) -> Manifest:
@@ -79,8 +55,8 @@ def _materialize_init_from(spec: PretrainSpec | FinetuneSpec) -> str | None:
 
     A registry URI is downloaded; a Hugging Face directory is converted once and kept under
     the job's run directory (the conversion is deterministic, so re-submits reuse it)."""
-    from orchestrator.export import import_hf, is_hf_checkpoint
-    from orchestrator.registry import is_registry_uri, resolve_model_uri
+    from orchestrator.registry.export import import_hf, is_hf_checkpoint
+    from orchestrator.registry.models import is_registry_uri, resolve_model_uri
 
     uri = spec.init_from
     if not uri:
@@ -221,8 +197,8 @@ def run_training(prepared: PreparedJob, address: str | None = None, on_run=print
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-    from orchestrator.placement import alive_node_count, multi_node_problem, scaling_config
-    from orchestrator.stop_on_input_error import StopOnInputError, input_error_of
+    from orchestrator.jobs.placement import alive_node_count, multi_node_problem, scaling_config
+    from orchestrator.jobs.stop_on_input_error import StopOnInputError, input_error_of
     from workers.train_loop import train_loop_per_worker
 
     spec, job = prepared.spec, prepared.worker_job
@@ -251,7 +227,7 @@ def run_training(prepared: PreparedJob, address: str | None = None, on_run=print
     model_name = spec.tracking.registered_model or spec.name
     callbacks = [StopOnInputError()]
     if spec.tracking.model_versions == "every_checkpoint":
-        from orchestrator.registry_callback import RegisterEachCheckpoint
+        from orchestrator.jobs.registry_callback import RegisterEachCheckpoint
 
         callbacks.append(RegisterEachCheckpoint(job.run_id, model_name, job.tracking_uri, job.extra["env"]))
     trainer = TorchTrainer(

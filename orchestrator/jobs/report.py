@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from orchestrator.jobs.status import find_run
 from orchestrator.runs import JOB_TAG, resolve_tracking_uri
-from orchestrator.status import find_run
 
 
 def _series(client, run_id: str, key: str) -> tuple[list[int], list[float]]:

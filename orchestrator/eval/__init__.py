@@ -1,0 +1,1 @@
+"""Evaluating a checkpoint with lm-eval-harness."""

@@ -1,0 +1,1 @@
+"""Training jobs: the controller, pipelines, Ray Jobs API submission, status, reports."""

@@ -1,0 +1,1 @@
+"""Checkpoints as MLflow registered models, and converting checkpoints (Hugging Face, DeepSpeed, LoRA)."""
