@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from infra.ray_env import FIXED_SIZE_ENV, default_extensions_dir
-from infra.s3_endpoint import free_port
+from infra.s3_endpoint import free_ports
 from infra.waiting import wait_until
 
 __all__ = ["RayHead", "RayWorkerNode", "start_ray_head", "start_ray_worker", "stop_process_tree", "process_matches"]
@@ -184,6 +184,43 @@ def _session_members(sid: int, exclude: set[int]) -> list:
     return members
 
 
+def _spawn_ray_start(args: list[str], *, host: str, num_cpus: int, temp_dir: str,
+                     object_store_memory: int | None, log_path: str | Path | None,
+                     env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`ray start … --block` for a head or a worker node, every port free and on `host`, in a
+    session of its own (so it is stopped by PID with all it starts)."""
+    ray_bin = Path(sys.executable).with_name("ray")
+    taken = {int(value) for value in args if value.isdigit()}  # the head's GCS, dashboard, client ports
+    ports = [port for port in free_ports(6 + len(taken), host) if port not in taken][:6]
+    flags = ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
+             "--metrics-export-port", "--node-manager-port", "--object-manager-port")
+    command = [
+        str(ray_bin) if ray_bin.exists() else "ray", "start", *args, "--block", "--node-ip-address", host,
+        *[item for flag, port in zip(flags, ports) for item in (flag, str(port))],
+        "--num-cpus", str(num_cpus), "--temp-dir", temp_dir, "--disable-usage-stats",
+    ]
+    if object_store_memory:
+        command += ["--object-store-memory", str(object_store_memory)]
+    child_env = dict(os.environ)
+    # the job entrypoint runs `python -m …`: make that the same interpreter as ours
+    child_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{child_env.get('PATH', '')}"
+    child_env.update({"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"})
+    # on SIGTERM Ray would first drain the node (up to a minute, for Serve upgrades on k8s):
+    # a local node has nobody to hand work over to
+    child_env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
+    # DeepSpeed JIT-compiles an op on first use (~45-90 s): the workers use gptctl's cache
+    child_env.setdefault("TORCH_EXTENSIONS_DIR", default_extensions_dir())  # one per venv, as the controller
+    child_env.pop("RAY_ADDRESS", None)
+    child_env.update(env or {})
+    log = open(log_path, "ab") if log_path else subprocess.DEVNULL
+    try:
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=child_env, start_new_session=True)
+    finally:
+        if log_path:
+            log.close()
+
+
 def start_ray_head(
     temp_dir: str | Path | None = None,
     num_cpus: int = 4,
@@ -205,43 +242,15 @@ def start_ray_head(
     """
     temp_dir = str(temp_dir or tempfile.mkdtemp(prefix="rh_", dir="/tmp"))
     Path(temp_dir).mkdir(parents=True, exist_ok=True)
-    gcs_port = gcs_port or free_port(host)
-    dashboard_port = dashboard_port or free_port(host)
-    client_port = client_port or free_port(host)
-    ray_bin = Path(sys.executable).with_name("ray")
-    command = [
-        str(ray_bin) if ray_bin.exists() else "ray", "start", "--head", "--block",
-        "--node-ip-address", host, "--port", str(gcs_port),
-        "--include-dashboard", "true", "--dashboard-host", host, "--dashboard-port", str(dashboard_port),
-        "--ray-client-server-port", str(client_port),
-        "--dashboard-agent-listen-port", str(free_port(host)), "--dashboard-agent-grpc-port", str(free_port(host)),
-        "--runtime-env-agent-port", str(free_port(host)), "--metrics-export-port", str(free_port(host)),
-        "--node-manager-port", str(free_port(host)), "--object-manager-port", str(free_port(host)),
-        "--num-cpus", str(num_cpus), "--temp-dir", temp_dir, "--disable-usage-stats",
-    ]
-    if object_store_memory:
-        command += ["--object-store-memory", str(object_store_memory)]
-    child_env = dict(os.environ)
-    # the job entrypoint runs `python -m …`: make that the same interpreter as ours
-    child_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{child_env.get('PATH', '')}"
-    child_env.update({"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"})
-    # on SIGTERM Ray would first drain the node (up to a minute, for Serve upgrades on k8s):
-    # a local head has nobody to hand work over to
-    child_env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
-    # DeepSpeed JIT-compiles an op on first use (~45-90 s): the workers use gptctl's cache
-    child_env.setdefault("TORCH_EXTENSIONS_DIR", default_extensions_dir())  # one per venv, as the controller
-    child_env.pop("RAY_ADDRESS", None)
+    spare = iter(free_ports(3, host))
+    gcs_port, dashboard_port, client_port = (port or next(spare) for port in (gcs_port, dashboard_port, client_port))
     # one node and no autoscaler: a job asking for more than it has is refused, not left waiting
     # (orchestrator.ray_runtime.fixed_size_shortfall; Ray passes the head's env to job drivers)
-    child_env[FIXED_SIZE_ENV] = "1"
-    child_env.update(env or {})
-    log = open(log_path, "ab") if log_path else subprocess.DEVNULL
-    try:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   env=child_env, start_new_session=True)
-    finally:
-        if log_path:
-            log.close()
+    process = _spawn_ray_start(
+        ["--head", "--port", str(gcs_port), "--include-dashboard", "true", "--dashboard-host", host,
+         "--dashboard-port", str(dashboard_port), "--ray-client-server-port", str(client_port)],
+        host=host, num_cpus=num_cpus, temp_dir=temp_dir, object_store_memory=object_store_memory,
+        log_path=log_path, env={FIXED_SIZE_ENV: "1", **(env or {})})
     import psutil
 
     head = RayHead(
@@ -343,30 +352,9 @@ def start_ray_worker(
     (`cluster.resources_per_worker`)."""
     temp_dir = str(temp_dir or tempfile.mkdtemp(prefix="rw_", dir="/tmp"))
     Path(temp_dir).mkdir(parents=True, exist_ok=True)
-    ray_bin = Path(sys.executable).with_name("ray")
-    command = [
-        str(ray_bin) if ray_bin.exists() else "ray", "start", "--address", head.gcs_address, "--block",
-        "--node-ip-address", host, "--num-cpus", str(num_cpus), "--resources", json.dumps(resources or {}),
-        "--dashboard-agent-listen-port", str(free_port(host)), "--dashboard-agent-grpc-port", str(free_port(host)),
-        "--runtime-env-agent-port", str(free_port(host)), "--metrics-export-port", str(free_port(host)),
-        "--node-manager-port", str(free_port(host)), "--object-manager-port", str(free_port(host)),
-        "--temp-dir", temp_dir, "--disable-usage-stats",
-    ]
-    if object_store_memory:
-        command += ["--object-store-memory", str(object_store_memory)]
-    child_env = dict(os.environ)
-    child_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{child_env.get('PATH', '')}"
-    child_env.update({"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"})
-    child_env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
-    child_env.setdefault("TORCH_EXTENSIONS_DIR", default_extensions_dir())  # one per venv, as the controller
-    child_env.pop("RAY_ADDRESS", None)
-    log = open(log_path, "ab") if log_path else subprocess.DEVNULL
-    try:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   env=child_env, start_new_session=True)
-    finally:
-        if log_path:
-            log.close()
+    process = _spawn_ray_start(["--address", head.gcs_address, "--resources", json.dumps(resources or {})],
+                               host=host, num_cpus=num_cpus, temp_dir=temp_dir,
+                               object_store_memory=object_store_memory, log_path=log_path)
     import psutil
 
     node = RayWorkerNode(pid=process.pid, create_time=psutil.Process(process.pid).create_time(),

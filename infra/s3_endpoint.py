@@ -52,9 +52,20 @@ class ServiceHandle:
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A port the OS reports free right now (bind to port 0)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    return free_ports(1, host)[0]
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """`count` distinct free ports: all are held open until each is chosen, since ports picked
+    one at a time may repeat (Ray refuses a node whose components share a port)."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind((host, 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def wait_http(url: str, timeout: float, process: subprocess.Popen | None = None) -> None:
