@@ -21,9 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from infra.ray_head import RayHead, RayWorkerNode, start_ray_head, start_ray_worker
+from infra.s3_endpoint import free_ports
 
 FAST_NODE_DEATH_ENV = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3",
                        "RAY_health_check_timeout_ms": "1000", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "30"}
+
+
+PROXY_PORT_ENV = "RAY_SERVE_WORKER_PROXY_HTTP_PORT"  # Ray Serve's per-node proxy port (head exempt)
 
 
 @dataclass
@@ -31,6 +35,8 @@ class LoopbackCluster:
     head: RayHead
     nodes: list[RayWorkerNode]
     temp_dirs: list[str] = field(default_factory=list)
+    prefix: str = "loopback"
+    cpus_per_node: int = 1
 
     def stop(self) -> None:
         for node in self.nodes:
@@ -42,20 +48,40 @@ class LoopbackCluster:
     def node(self, node_id: str) -> RayWorkerNode:
         return next(node for node in self.nodes if node.node_id == node_id)
 
+    def add_node(self, resources: dict[str, float], wait: bool = True) -> RayWorkerNode:
+        """Start one more worker node (a lost machine coming back, or a new one), with its own temp
+        dir and its own Serve proxy port: every node here shares the host's 127.0.0.1."""
+        index = len(self.nodes) + 1
+        temp_dir = tempfile.mkdtemp(prefix=f"{self.prefix}{index}_", dir="/tmp")
+        self.temp_dirs.insert(-1, temp_dir)
+        node = start_ray_worker(self.head, num_cpus=self.cpus_per_node, resources=resources, temp_dir=temp_dir,
+                                log_path=Path(self.temp_dirs[-1], f"worker{index}.log"), wait=False,
+                                env={PROXY_PORT_ENV: str(free_ports(1)[0])})
+        self.nodes.append(node)
+        if wait:
+            node.wait_joined(self.head)
+        return node
+
+    def alive_nodes(self) -> list[RayWorkerNode]:
+        return [node for node in self.nodes if node.alive()]
+
+
+def serve_proxy_url(node: RayWorkerNode) -> str:
+    """The base URL of the Serve proxy on a loopback worker node."""
+    return f"http://127.0.0.1:{node.env[PROXY_PORT_ENV]}"
+
 
 def start_loopback_cluster(workers: int, resources: dict[str, float], prefix: str,
                            head_cpus: int = 1, cpus_per_node: int = 1) -> LoopbackCluster:
     """Head (runs job drivers) + `workers` nodes carrying `resources`, all joined; temp dirs under /tmp."""
     logs = tempfile.mkdtemp(prefix=f"{prefix}-logs-", dir="/tmp")
-    temp_dirs = [tempfile.mkdtemp(prefix=f"{prefix}{i}_", dir="/tmp") for i in range(workers + 1)]
-    head = start_ray_head(temp_dir=temp_dirs[0], num_cpus=head_cpus, log_path=Path(logs, "head.log"),
+    head_dir = tempfile.mkdtemp(prefix=f"{prefix}0_", dir="/tmp")
+    head = start_ray_head(temp_dir=head_dir, num_cpus=head_cpus, log_path=Path(logs, "head.log"),
                           env=FAST_NODE_DEATH_ENV)
-    cluster = LoopbackCluster(head, [], [*temp_dirs, logs])
+    cluster = LoopbackCluster(head, [], [head_dir, logs], prefix=prefix, cpus_per_node=cpus_per_node)
     try:
-        for i in range(1, workers + 1):
-            cluster.nodes.append(start_ray_worker(head, num_cpus=cpus_per_node, resources=resources,
-                                                  temp_dir=temp_dirs[i], log_path=Path(logs, f"worker{i}.log"),
-                                                  wait=False))
+        for _ in range(workers):  # all start at once; each knows its node id from its own temp dir
+            cluster.add_node(resources, wait=False)
         for node in cluster.nodes:
             node.wait_joined(head)
     except BaseException:

@@ -11,6 +11,10 @@ from pathlib import Path
 # set in a cluster's environment to say it never grows (gptctl's local stack sets it on its head)
 FIXED_SIZE_ENV = "GPTCTL_RAY_FIXED_SIZE"
 
+# every Serve proxy on a node with this in its environment answers 503 (not a bare 500) for a
+# request whose replica died holding it (orchestrator/serve/proxy_errors.py); set on each node
+PROXY_CALLBACK_ENV = {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "orchestrator.serve.proxy_errors:proxy_middlewares"}
+
 
 def default_extensions_dir() -> str:
     """DeepSpeed JIT-compiles an op on first use (~45 s); keep the result between runs.

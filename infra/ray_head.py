@@ -33,7 +33,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from infra.ray_env import FIXED_SIZE_ENV, default_extensions_dir
+from infra.ray_env import FIXED_SIZE_ENV, PROXY_CALLBACK_ENV, default_extensions_dir
 from infra.s3_endpoint import free_ports
 from infra.waiting import wait_until
 
@@ -210,6 +210,8 @@ def _spawn_ray_start(args: list[str], *, host: str, num_cpus: int, temp_dir: str
     child_env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
     # DeepSpeed JIT-compiles an op on first use (~45-90 s): the workers use gptctl's cache
     child_env.setdefault("TORCH_EXTENSIONS_DIR", default_extensions_dir())  # one per venv, as the controller
+    for name, value in PROXY_CALLBACK_ENV.items():  # a clear 503 when a replica dies mid-request
+        child_env.setdefault(name, value)
     child_env.pop("RAY_ADDRESS", None)
     child_env.update(env or {})
     log = open(log_path, "ab") if log_path else subprocess.DEVNULL
@@ -290,6 +292,7 @@ class RayWorkerNode(_RayStartProcess):
     temp_dir: str
     resources: dict
     node_id: str = ""  # Ray's id for this node, known once its raylet has started
+    env: dict = field(default_factory=dict)  # what it was started with on top of our environment
     log_path: str | None = None
     process: subprocess.Popen | None = field(default=None, repr=False, compare=False)
 
@@ -343,22 +346,25 @@ def start_ray_worker(
     log_path: str | Path | None = None,
     wait: bool = True,
     timeout: float = 120.0,
+    env: dict[str, str] | None = None,
 ) -> RayWorkerNode:
     """Join one more node (its own raylet, object store, agents, temp dir, free ports) to `head`;
     returns once the head lists it alive (`wait=False`: at once; call `wait_joined`). Several can
     run on one host, started together: a test cluster on loopback.
 
     `resources` are Ray custom resources, so a job can ask for a node of this kind
-    (`cluster.resources_per_worker`)."""
+    (`cluster.resources_per_worker`). `env` is the node's environment on top of ours, e.g.
+    RAY_SERVE_WORKER_PROXY_HTTP_PORT, so that the Serve proxies of nodes sharing a host bind
+    distinct ports."""
     temp_dir = str(temp_dir or tempfile.mkdtemp(prefix="rw_", dir="/tmp"))
     Path(temp_dir).mkdir(parents=True, exist_ok=True)
     process = _spawn_ray_start(["--address", head.gcs_address, "--resources", json.dumps(resources or {})],
                                host=host, num_cpus=num_cpus, temp_dir=temp_dir,
-                               object_store_memory=object_store_memory, log_path=log_path)
+                               object_store_memory=object_store_memory, log_path=log_path, env=env)
     import psutil
 
     node = RayWorkerNode(pid=process.pid, create_time=psutil.Process(process.pid).create_time(),
-                         temp_dir=temp_dir, resources=dict(resources or {}),
+                         temp_dir=temp_dir, resources=dict(resources or {}), env=dict(env or {}),
                          log_path=str(log_path) if log_path else None, process=process)
     atexit.register(node.stop)
     if wait:

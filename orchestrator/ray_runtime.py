@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 from urllib.parse import urlparse
 
-from infra.ray_env import FIXED_SIZE_ENV, default_extensions_dir
+from infra.ray_env import FIXED_SIZE_ENV, PROXY_CALLBACK_ENV, default_extensions_dir
 from workers import storage
 
 # environment the workers need to reach S3 and MLflow; forwarded explicitly because a
@@ -51,6 +51,8 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, temp_dir
         # Ray Train's controller actor and Serve's proxy also need a CPU slot: oversubscribe
         # logically on small machines so 2 workers fit on 2 cores.
         kwargs["num_cpus"] = num_cpus or max(os.cpu_count() or 1, 4)
+        for name, value in PROXY_CALLBACK_ENV.items():  # the embedded node's Serve proxy inherits it
+            os.environ.setdefault(name, value)
         if temp_dir:
             kwargs["_temp_dir"] = temp_dir
     ray.init(**kwargs)

@@ -43,6 +43,16 @@ class ElasticSpec(StrictModel):
                              "cluster still holds, down to this (Ray Train's elastic scaling; `num_workers` is the most)")
 
 
+def custom_resources(value: dict[str, float], cpu_gpu_fields: str) -> dict[str, float]:
+    """Extra Ray resources of a worker or replica: named custom ones, each a positive amount."""
+    for name, amount in value.items():
+        if name in ("CPU", "GPU"):
+            raise ValueError(f"'{name}': set it with {cpu_gpu_fields}")
+        if amount <= 0:
+            raise ValueError(f"'{name}': must be greater than 0, got {amount:g}")
+    return value
+
+
 class ClusterSpec(StrictModel):
     num_workers: int = Field(default=2, ge=1, description="Ray Train workers (training processes)")
     use_gpu: bool = Field(default=False, description="one GPU per worker; without it workers train on CPU")
@@ -75,12 +85,7 @@ class ClusterSpec(StrictModel):
     @field_validator("resources_per_worker")
     @classmethod
     def _custom_resources_only(cls, value: dict[str, float]) -> dict[str, float]:
-        for name, amount in value.items():
-            if name in ("CPU", "GPU"):
-                raise ValueError(f"'{name}': set it with cluster.cpus_per_worker / cluster.use_gpu")
-            if amount <= 0:
-                raise ValueError(f"'{name}': must be greater than 0, got {amount:g}")
-        return value
+        return custom_resources(value, "cluster.cpus_per_worker / cluster.use_gpu")
 
 
 class TrackingSpec(StrictModel):
@@ -233,6 +238,12 @@ class DeploySpec(StrictModel):
     port: int = Field(default=8000, ge=1, le=65535, description="HTTP port")
     num_replicas: int = Field(default=1, ge=1, description="replicas without autoscaling")
     cpus_per_replica: float = Field(default=1.0, ge=0, description="CPUs Ray reserves for each replica")
+    max_replicas_per_node: int | None = Field(
+        default=None, ge=1, description="at most this many replicas on one node (Ray Serve's option); 1 puts "
+        "each replica on a different node, so losing a node loses one replica")
+    resources_per_replica: dict[str, float] = Field(
+        default_factory=dict, description="extra Ray resources each replica needs besides its CPUs/GPUs, e.g. "
+        "`{serve_node: 1}` to keep replicas on nodes started with `ray start --resources '{\"serve_node\": 1}'`")
     # serving options (issue 5); all optional, checked together in orchestrator/serve/deployment.py
     route_prefix: str = Field(default="/", pattern=r"^/([A-Za-z0-9._~-]+(/[A-Za-z0-9._~-]+)*)?$",
                               description="URL prefix of this app; apps sharing one Serve need distinct ones")
@@ -252,6 +263,11 @@ class DeploySpec(StrictModel):
                                     description="name of the environment variable that holds the API key")
     api_key_file: str | None = Field(default=None, description="path of a file that holds the API key")
     tracking_uri: str | None = Field(default=None, description="MLflow registry for a models:/ checkpoint")
+
+    @field_validator("resources_per_replica")
+    @classmethod
+    def _replica_custom_resources_only(cls, value: dict[str, float]) -> dict[str, float]:
+        return custom_resources(value, "cpus_per_replica / gpus_per_replica")
 
 
 # ----------------------------------------------------------------------------- pipelines

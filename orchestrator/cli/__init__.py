@@ -32,7 +32,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from orchestrator.cli.serve import add_deploy_flags, add_sampling_flags
+    from orchestrator.cli.serve import add_deploy_flags, add_sampling_flags, add_wait_flag, default_url
 
     from orchestrator.cli.help import QUICK_START
 
@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("target", help="checkpoint dir / s3:// URI, or a deploy spec .yaml")
     deploy.add_argument("--name", default="gptctl")
     deploy.add_argument("--host", default="127.0.0.1")
-    deploy.add_argument("--port", type=int, default=8000)
+    deploy.add_argument("--port", type=int, default=int(os.environ.get("GPTCTL_PORT", "8000")),
+                        help="HTTP port (default $GPTCTL_PORT, else 8000)")
     deploy.add_argument("--replicas", type=int, default=1)
     deploy.add_argument("--address", help="Ray address; without one the app lives until Ctrl-C")
     deploy.add_argument("--tracking-uri", help="MLflow registry for a models:/NAME@ALIAS target")
@@ -68,10 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = sub.add_parser("generate", help="query a deployed model over HTTP")
     generate.add_argument("prompt")
-    generate.add_argument("--url", default=os.environ.get("GPTCTL_URL", "http://127.0.0.1:8000"))
+    generate.add_argument("--url", default=default_url(), help="the app's base URL (default $GPTCTL_URL, else "
+                          "http://127.0.0.1:$GPTCTL_PORT, else port 8000)")
     add_sampling_flags(generate, max_tokens=64)
     generate.add_argument("--raw", action="store_true", help="don't wrap the prompt in the fine-tuning template")
     generate.add_argument("--json", action="store_true", help="print the whole response")
+    add_wait_flag(generate)
     generate.set_defaults(handler=_cmd_generate)
 
     demo = sub.add_parser("demo", help="prepare → pre-train → fine-tune → deploy → generate, all local")
@@ -162,8 +165,10 @@ def _serve(spec, address: str | None) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from orchestrator.serve.deploy import query
+    from orchestrator.serve.deploy import query, wait_healthy
 
+    if args.wait:
+        wait_healthy(args.url, args.wait)
     reply = query(args.url, args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, use_template=False if args.raw else None)
     print(json.dumps(reply, indent=2) if args.json else reply["text"])

@@ -21,20 +21,23 @@ EXIT_OK = 0
 def register(subparsers: argparse._SubParsersAction) -> None:
     chat = subparsers.add_parser("chat", help="chat with a deployed model (OpenAI /v1/chat/completions)")
     chat.add_argument("message", nargs="?", help="the question; without it, read one question per line from stdin")
-    chat.add_argument("--url", default=os.environ.get("GPTCTL_URL", "http://127.0.0.1:8000"),
-                      help="the app's base URL (with its route prefix)")
+    chat.add_argument("--url", default=default_url(), help="the app's base URL with its route prefix (default "
+                      "$GPTCTL_URL, else http://127.0.0.1:$GPTCTL_PORT, else port 8000)")
     chat.add_argument("--model", help="model id (default: whatever the server serves)")
     add_sampling_flags(chat, max_tokens=128)
     chat.add_argument("--stop", action="append", help="stop string (repeatable, up to 4)")
     chat.add_argument("--no-stream", action="store_true", help="wait for the whole answer")
     chat.add_argument("--json", action="store_true", help="print the whole response object (implies --no-stream)")
     chat.add_argument("--api-key-env", default="GPTCTL_API_KEY", help="environment variable holding the API key")
+    add_wait_flag(chat)
     chat.set_defaults(handler=_cmd_chat)
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
-    from orchestrator.serve.deploy import openai_request, openai_stream
+    from orchestrator.serve.deploy import openai_request, openai_stream, wait_healthy
 
+    if args.wait:
+        wait_healthy(args.url, args.wait)
     key = os.environ.get(args.api_key_env) or None
     params = {"model": args.model, "max_tokens": args.max_tokens, "temperature": args.temperature,
               "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed, "stop": args.stop}
@@ -64,6 +67,17 @@ def add_sampling_flags(parser: argparse.ArgumentParser, max_tokens: int) -> None
     parser.add_argument("--seed", type=int)
 
 
+def default_url() -> str:
+    """Where `generate`/`chat` go by default: $GPTCTL_URL, else the port `gptctl deploy` defaults to."""
+    return os.environ.get("GPTCTL_URL") or f"http://127.0.0.1:{os.environ.get('GPTCTL_PORT', '8000')}"
+
+
+def add_wait_flag(parser: argparse.ArgumentParser) -> None:
+    """--wait: a script that has just started `gptctl deploy … &` waits for the endpoint, not a retry loop."""
+    parser.add_argument("--wait", type=float, default=0, metavar="SECONDS",
+                        help="first wait up to this long for the endpoint's /healthz (default: no wait)")
+
+
 def add_deploy_flags(parser: argparse.ArgumentParser) -> None:
     """Serving options for `gptctl deploy CHECKPOINT` (a deploy spec file sets the same fields)."""
     group = parser.add_argument_group("serving")
@@ -72,6 +86,8 @@ def add_deploy_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--gpus", type=float, dest="gpus_per_replica", help="GPUs per replica (default 0)")
     group.add_argument("--min-replicas", type=int, help="autoscaling lower bound (with --max-replicas)")
     group.add_argument("--max-replicas", type=int, help="autoscale up to this many replicas")
+    group.add_argument("--max-replicas-per-node", type=int,
+                       help="at most this many replicas on one node (1: each on its own node)")
     group.add_argument("--target-ongoing-requests", type=float, help="autoscaling: requests per replica")
     group.add_argument("--max-batch-size", type=int, help="sequences decoded together (default 32)")
     group.add_argument("--max-context", type=int, help="prompt + completion tokens (default: the model's)")
@@ -81,7 +97,7 @@ def add_deploy_flags(parser: argparse.ArgumentParser) -> None:
 
 
 _DEPLOY_FIELDS = ("route_prefix", "cpus_per_replica", "gpus_per_replica", "min_replicas", "max_replicas",
-                  "target_ongoing_requests", "max_batch_size", "max_context", "max_tokens_limit",
+                  "max_replicas_per_node", "target_ongoing_requests", "max_batch_size", "max_context", "max_tokens_limit",
                   "api_key_env", "api_key_file")
 
 

@@ -126,6 +126,7 @@ class PreparedJob:
 def prepare_job(spec: PretrainSpec | FinetuneSpec) -> PreparedJob:
     """Every check that can fail before Ray starts: data, checkpoint, storage, plan."""
     kind = "pretrain" if isinstance(spec, PretrainSpec) else "finetune"
+    spec = _absolute_local_paths(spec)
     manifest = _load_data_manifest(spec.data, kind)
     if spec.init_from:
         spec = spec.model_copy(update={"init_from": _materialize_init_from(spec)})
@@ -156,6 +157,17 @@ def prepare_job(spec: PretrainSpec | FinetuneSpec) -> PreparedJob:
     )
     job.eval_set = _eval_set(spec)
     return PreparedJob(spec=spec, worker_job=job, manifest=manifest)
+
+
+def _absolute_local_paths(spec: PretrainSpec | FinetuneSpec) -> PretrainSpec | FinetuneSpec:
+    """Relative local paths mean this process's working directory: the training workers run in
+    Ray's own (a job's working_dir, or the session dir), where `shards/pretrain` is not found."""
+    update = {}
+    for field in ("data", "storage_path", "init_from"):
+        value = getattr(spec, field, None)
+        if value and not storage.is_s3(value) and not value.startswith("models:/") and not Path(value).is_absolute():
+            update[field] = str(Path(value).expanduser().resolve())
+    return spec.model_copy(update=update) if update else spec
 
 
 def _eval_set(spec: PretrainSpec | FinetuneSpec) -> dict | None:

@@ -32,7 +32,7 @@ def alive_node_count() -> int:
 
 
 def _node_local(value: str | None) -> bool:
-    if not value:
+    if not value or "${stages." in value:  # another stage's output: checked once it is known
         return False
     if "://" in value:
         return value.startswith(("file:", "sqlite:"))

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from infra.waiting import wait_until
-from orchestrator.spec import _ENV_PATTERN, load_spec
+from orchestrator.spec import _ENV_PATTERN, JobInputError, load_spec
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 EXIT_CODES = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 3, "PENDING": 0, "RUNNING": 0}
@@ -167,6 +167,10 @@ def submit_job(spec_path: str | Path, address: str, ship_code: bool = True, out:
     spec = submission.pop("spec")
     staging = submission["runtime_env"]["working_dir"]
     tracking = submission["metadata"][METADATA_TRACKING]
+    problem = _cluster_problem(address, spec, tracking)
+    if problem:  # refused here, before the cluster sees the job
+        shutil.rmtree(staging, ignore_errors=True)
+        raise JobInputError(f"{spec_path}: {problem}")
     if tracking.startswith("sqlite:") or (not tracking and spec.kind != "deploy"):
         out("[gptctl] warning: MLflow tracking is a local sqlite file; on a remote cluster the run lands on the "
             "head's disk. Set tracking.uri or MLFLOW_TRACKING_URI to an MLflow server.")
@@ -175,6 +179,26 @@ def submit_job(spec_path: str | Path, address: str, ship_code: bool = True, out:
         return client.submit_job(**submission)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _cluster_problem(address: str, spec, tracking: str) -> str | None:
+    """Why the training jobs of this spec cannot run on the cluster at `address` as written (paths
+    on one node's disk on a cluster of several), or None; the job's driver checks it again."""
+    from orchestrator.jobs.placement import multi_node_problem
+    from ray.util.state import list_nodes
+
+    stages = spec.stages if spec.kind == "pipeline" else [spec]
+    training = [stage for stage in stages if stage.kind in ("pretrain", "finetune")]
+    if not training:
+        return None
+    nodes = sum(1 for node in list_nodes(address=address, limit=10_000, raise_on_missing_output=False)
+                if node.state == "ALIVE")
+    for stage in training:
+        uri = getattr(stage.tracking, "uri", None) or tracking or "sqlite:///mlflow.db (the default)"
+        problem = multi_node_problem(stage, uri, nodes)
+        if problem:
+            return problem
+    return None
 
 
 def wait_for_run_link(address: str, job_id: str, timeout_s: float = 300.0, out: Callable[[str], Any] = print,

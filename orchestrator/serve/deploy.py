@@ -16,12 +16,14 @@ from orchestrator.spec import DeploySpec, JobInputError
 API_KEY_ENV = "GPTCTL_API_KEY"  # what the client helpers (and `gptctl generate`/`chat`) send by default
 
 
-def _replica_resources(spec: DeploySpec) -> tuple[tuple[float, str], tuple[float, str]]:
-    """(CPUs, GPUs) the first replicas take, each with the fields that ask for them."""
+def _replica_needs(spec: DeploySpec) -> tuple[tuple[float, str], tuple[float, str], dict[str, tuple[float, str]]]:
+    """(CPUs, GPUs, custom resources) the first replicas take, each with the fields that ask for it."""
     field = "num_replicas" if spec.min_replicas is None and spec.max_replicas is None else "min_replicas"
     replicas = spec.num_replicas if field == "num_replicas" else max(spec.min_replicas or 1, 1)
     return ((replicas * spec.cpus_per_replica, f"{field} × cpus_per_replica ({replicas} × {spec.cpus_per_replica:g})"),
-            (replicas * spec.gpus_per_replica, f"{field} × gpus_per_replica ({replicas} × {spec.gpus_per_replica:g})"))
+            (replicas * spec.gpus_per_replica, f"{field} × gpus_per_replica ({replicas} × {spec.gpus_per_replica:g})"),
+            {name: (replicas * amount, f"{field} × resources_per_replica.{name} ({replicas} × {amount:g})")
+             for name, amount in spec.resources_per_replica.items()})
 
 
 def resolve_checkpoint(spec: DeploySpec) -> DeploySpec:
@@ -47,7 +49,7 @@ def deploy(spec: DeploySpec, address: str | None = None, wait_s: float = 120.0) 
     require_checkpoint(spec.checkpoint, "checkpoint", allow_adapter=True)
     app = build_application(spec)  # bad options fail here, before Ray starts
     ensure_ray(address)
-    shortfall = fixed_size_shortfall(*_replica_resources(spec))
+    shortfall = fixed_size_shortfall(*_replica_needs(spec))
     if shortfall:  # Serve would wait for the replicas forever
         raise JobInputError(f"deploy {spec.name}: {shortfall}")
     from ray import serve
@@ -63,8 +65,15 @@ def deploy(spec: DeploySpec, address: str | None = None, wait_s: float = 120.0) 
 
 
 def serve_until_interrupted() -> None:
-    """An embedded Ray lives as long as this process: keep it up until Ctrl-C."""
-    print("[gptctl] embedded Ray: press Ctrl-C to stop serving", flush=True)
+    """An embedded Ray lives as long as this process: keep it up until Ctrl-C or SIGTERM
+    (`kill %1` of a `gptctl deploy … &`); either way Ray's exit handler then stops its processes."""
+    import signal
+
+    def interrupt(*_) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    print("[gptctl] embedded Ray: Ctrl-C (or SIGTERM) stops serving", flush=True)
     try:
         while True:
             time.sleep(3600)

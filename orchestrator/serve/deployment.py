@@ -50,12 +50,16 @@ def deployment_options(spec: DeploySpec) -> dict:
     actor: dict = {"num_cpus": spec.cpus_per_replica}
     if spec.gpus_per_replica > 0:
         actor["num_gpus"] = spec.gpus_per_replica
+    if spec.resources_per_replica:
+        actor["resources"] = dict(spec.resources_per_replica)
     options: dict = {
         "ray_actor_options": actor,
         "max_ongoing_requests": spec.max_ongoing_requests,
         "graceful_shutdown_timeout_s": 60.0,  # a redeploy lets running generations finish
         "max_surge_percent": 100,  # a redeploy starts the new replicas before stopping the old ones
     }
+    if spec.max_replicas_per_node is not None:
+        options["max_replicas_per_node"] = spec.max_replicas_per_node
     if spec.min_replicas is None and spec.max_replicas is None:
         options["num_replicas"] = spec.num_replicas
         return options

@@ -53,6 +53,9 @@ def test_dockerfile_prebuilds_deepspeed_ops_and_installs_gptctl():
     assert {"6379", "8265", "8000"} <= set(expose.split()[1:])
     for package in ("model", "workers", "orchestrator", "infra"):
         assert f"COPY {package} ./{package}" in text
+    from infra.ray_env import PROXY_CALLBACK_ENV  # every node of an image-built cluster runs our proxy middleware
+
+    assert all(f"{name}={value}" in text for name, value in PROXY_CALLBACK_ENV.items())
     # the ray version matches the one the tests run with
     import ray
 

@@ -121,10 +121,11 @@ def test_zero2_trains_across_nodes_through_s3_and_mlflow_and_resumes(
     import mlflow
 
     runs = f"{BUCKET}/runs"
-    # a local storage_path is refused by the driver on the cluster before anything starts
-    local = _spec("mn-local", s3_data, str(tmp_path / "runs"), mlflow_server, 2, 2)
-    code, text, _ = _submit(cluster, local, write_spec, job_id_from)
-    assert code == 2 and "storage_path" in text and "use s3://" in text, text[-3000:]
+    # a local storage_path is refused before submission (the cluster has 3 nodes), exit 2
+    local = write_spec(_spec("mn-local", s3_data, str(tmp_path / "runs"), mlflow_server, 2, 2), "mn-local.yaml")
+    code, out, err = gptctl("submit", local, "--address", cluster["head"].dashboard_url)
+    assert code == 2 and "storage_path" in err and "use s3://" in err and "submitted" not in out, (out, err)
+    assert not jobs.client_for(cluster["head"].dashboard_url).list_jobs(), "nothing reached the cluster"
 
     # ZeRO-2 on both worker nodes, then a re-submit with more steps resumes from S3
     spec = _spec("mn-zero2", s3_data, runs, mlflow_server, 2, 2)
