@@ -32,6 +32,9 @@ from orchestrator.cli.help import subparsers
 ROOT = Path(__file__).resolve().parents[2]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```\s*$", re.S | re.M)
+# Ends what a block left running (``gptctl deploy ... &``) and keeps the block's own exit status:
+# a bare ``kill`` with no jobs fails, and under ``set -e`` that failure would become the exit status.
+END_BACKGROUND_JOBS = "trap 'rc=$?; kill $(jobs -p) 2>/dev/null || true; wait; exit $rc' EXIT\n"
 BLOCK_TIMEOUT_S = 300
 NOT_RUN = {
     "cluster": "needs machines of a real cluster (HEAD_IP), Kubernetes or the local stack's services",
@@ -174,7 +177,7 @@ def test_marked_examples_run(pages, tmp_path):
         for fence, block in shell_blocks(page):
             if fence != "test":
                 continue
-            script = "trap 'kill $(jobs -p) 2>/dev/null; wait' EXIT\n" + block  # end what the block left running
+            script = END_BACKGROUND_JOBS + block
             done = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env,
                                   capture_output=True, text=True, timeout=BLOCK_TIMEOUT_S)
             assert done.returncode == 0, (f"{page.relative_to(ROOT)}: this example failed (exit {done.returncode}):\n"
